@@ -1,0 +1,223 @@
+//! Wiring: open the store, build the executor, sinks, outbox and queue, serve HTTP, and
+//! shut everything down in order. `run` takes an already bound listener and a shutdown
+//! token, so tests and embedders can run the real server in-process.
+
+use crate::config::{Config, ExecutorKind};
+use crate::executor::docker::DockerExecutor;
+use crate::executor::sandbox::{default_work_dir, SandboxExecutor};
+use crate::executor::Executor;
+use crate::gateway::{self, HttpStats, State};
+use crate::outbox::{Outbox, Sink};
+use crate::queue::Queue;
+use crate::service::Service;
+use crate::sinks::file::FileSink;
+use crate::sinks::postgres::{Postgres, PostgresSink};
+use crate::sinks::redis::{serve_requests, Redis, RedisSink};
+use crate::store::{Store, StoreOptions};
+use anyhow::{anyhow, Context};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// File in the data dir holding the bound address while the server runs.
+pub const ADDR_FILE: &str = "listen.addr";
+
+/// Bind `cfg.listen` and run until `shutdown` fires.
+pub async fn serve(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    run(cfg, listener, shutdown).await
+}
+
+/// Run the appliance on `listener` until `shutdown` fires, then stop in order: stop
+/// accepting, let running evaluations finish (or record them interrupted), stop the
+/// relays, flush and close the store.
+pub async fn run(
+    cfg: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
+    let store = Store::open(StoreOptions {
+        path: cfg.data_dir.join("store"),
+        cache_bytes: cfg.store.cache_mb * 1024 * 1024,
+        flush_window: Duration::from_micros(cfg.store.flush_window_us),
+        max_batch: cfg.store.max_batch,
+        node_id: cfg.node_id.clone(),
+    })
+    .map_err(|e| anyhow!("{e}"))?;
+
+    let executor: Arc<dyn Executor> = match cfg.executor {
+        ExecutorKind::Sandbox => {
+            let work_dir = default_work_dir(&cfg, store.node_id());
+            let sandbox = SandboxExecutor::new(&cfg, work_dir).map_err(|e| anyhow!(e))?;
+            for (lang, why) in sandbox.unavailable() {
+                tracing::warn!(language = %lang, "{why}");
+            }
+            sandbox
+                .self_test()
+                .await
+                .map_err(|e| anyhow!("the sandbox executor cannot run on this host: {e}"))?;
+            Arc::new(sandbox)
+        }
+        ExecutorKind::Docker => {
+            let docker = DockerExecutor::new(&cfg, store.node_id()).map_err(|e| anyhow!(e))?;
+            // Removes this node's containers left by a crash; their evaluations are
+            // resolved just below (interrupted). An engine that is down now is fine: work
+            // waits in the queue until it answers.
+            docker.start(shutdown.clone()).await;
+            docker
+        }
+    };
+
+    let interrupted = store
+        .interrupt_running()
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    if interrupted > 0 {
+        tracing::warn!(
+            count = interrupted,
+            "evaluations that were running when the appliance stopped are now failed (interrupted)"
+        );
+    }
+
+    let mut sinks: Vec<Arc<dyn Sink>> = Vec::new();
+    if let Some(f) = &cfg.sinks.file {
+        sinks.push(Arc::new(FileSink::open(&f.path).map_err(|e| anyhow!(e))?));
+    }
+    let postgres = match &cfg.postgres.url {
+        Some(_) => {
+            let pg = Postgres::new(&cfg.postgres).map_err(|e| anyhow!(e))?;
+            sinks.push(Arc::new(PostgresSink::new(pg.clone())));
+            Some(pg)
+        }
+        None => None,
+    };
+    let redis = match &cfg.redis.url {
+        Some(_) => {
+            let r = Redis::start(&cfg.redis).map_err(|e| anyhow!(e))?;
+            sinks.push(Arc::new(RedisSink::new(r.clone())));
+            Some(r)
+        }
+        None => None,
+    };
+    let outbox = Outbox::new(store.clone(), cfg.outbox.clone(), sinks);
+    let queue = Queue::new(
+        store.clone(),
+        executor.clone(),
+        cfg.workers,
+        cfg.limits.memory_mb,
+        cfg.start_paused,
+    );
+    let tracker = TaskTracker::new();
+    let relay_stop = CancellationToken::new();
+    outbox.start(&tracker, relay_stop.clone());
+    queue.start();
+
+    let addr = listener.local_addr()?;
+    let addr_file = cfg.data_dir.join(ADDR_FILE);
+    write_atomic(&addr_file, &format!("{addr}\n"))?;
+    tracing::info!(
+        listen = %addr,
+        node = store.node_id(),
+        executor = executor.name(),
+        workers = cfg.workers,
+        data_dir = %cfg.data_dir.display(),
+        queued = store.queue_depth(),
+        head_seq = store.head(),
+        sinks = ?outbox.sink_names(),
+        "crucible is ready"
+    );
+
+    let service = Arc::new(Service {
+        cfg: cfg.clone(),
+        store: store.clone(),
+        executor: executor.clone(),
+        queue: queue.clone(),
+        shutdown: shutdown.clone(),
+        accepted: std::sync::atomic::AtomicU64::new(0),
+    });
+    let transports = TaskTracker::new();
+    if let Some(r) = &redis {
+        if !cfg.redis.request_channel.is_empty() {
+            transports.spawn(serve_requests(r.clone(), service.clone(), shutdown.clone()));
+        }
+    }
+    let state = Arc::new(State {
+        postgres: postgres.clone(),
+        redis: redis.clone(),
+        service: service.clone(),
+        cfg: cfg.clone(),
+        store: store.clone(),
+        queue: queue.clone(),
+        executor,
+        outbox,
+        started: Instant::now(),
+        shutdown: shutdown.clone(),
+        stats: HttpStats::default(),
+        body_budget: Arc::new(tokio::sync::Semaphore::new(
+            (cfg.http.max_inflight_body_mb as usize).saturating_mul(1024),
+        )),
+    });
+    crate::ops::systemd::notify(&format!("READY=1\nSTATUS=serving on {addr}"));
+    if let Some(every) = crate::ops::systemd::watchdog_interval() {
+        // WATCHDOG=1 only while the store writer answers: a writer stuck on a dead disk
+        // gets the service restarted instead of hanging forever.
+        let store = store.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let tick = every / 3;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(tick) => {}
+                    _ = stop.cancelled() => return,
+                }
+                match tokio::time::timeout(tick, store.ping()).await {
+                    Ok(Ok(())) => {
+                        crate::ops::systemd::notify("WATCHDOG=1");
+                    }
+                    _ => tracing::error!(
+                        "store writer did not answer; withholding the watchdog ping"
+                    ),
+                }
+            }
+        });
+    }
+    gateway::serve(state, listener, Duration::from_secs(5)).await;
+    crate::ops::systemd::notify("STOPPING=1\nSTATUS=stopping");
+
+    transports.close();
+    transports.wait().await;
+    tracing::info!("HTTP stopped; finishing running evaluations");
+    queue
+        .shutdown(Duration::from_secs(cfg.shutdown_grace_secs))
+        .await;
+    relay_stop.cancel();
+    tracker.close();
+    if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("relays did not stop in time");
+    }
+    if let Some(r) = &redis {
+        r.quit().await;
+    }
+    store.close().await;
+    let _ = std::fs::remove_file(&addr_file);
+    tracing::info!("crucible stopped cleanly");
+    Ok(())
+}
+
+fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
+    let tmp: PathBuf = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,1015 @@
+//! Configuration: embedded defaults < TOML file < environment < command-line flags.
+//!
+//! This module owns parsing and validation only. It never opens files other than the
+//! config file itself and the optional token file, and it never starts anything.
+//! Every key is documented here and in `packaging/crucible.toml`.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Errors found while loading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid setting `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Which executor backend runs evaluations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutorKind {
+    /// Linux namespaces + rlimits, no daemon needed (the embedded default).
+    Sandbox,
+    /// One hardened container per evaluation through the Docker engine.
+    Docker,
+}
+
+impl std::str::FromStr for ExecutorKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sandbox" => Ok(Self::Sandbox),
+            "docker" => Ok(Self::Docker),
+            other => Err(format!(
+                "unknown executor `{other}` (expected `sandbox` or `docker`)"
+            )),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// journald when `JOURNAL_STREAM` is set (running under systemd), human text otherwise.
+    Auto,
+    /// Human-readable lines on stderr.
+    Human,
+    /// One JSON object per line on stderr.
+    Json,
+    /// Native journald records with structured fields.
+    Journald,
+}
+
+/// The whole configuration. Unknown keys are rejected so typos do not pass silently.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the HTTP API listens on. Env `CRUCIBLE_LISTEN`, flag `--listen`.
+    pub listen: SocketAddr,
+    /// Directory holding the sled store and the sandbox work area. Env `CRUCIBLE_DATA_DIR`.
+    pub data_dir: PathBuf,
+    /// `sandbox` (default) or `docker`. Env `CRUCIBLE_EXECUTOR`.
+    pub executor: ExecutorKind,
+    /// Evaluations running at once.
+    pub workers: usize,
+    /// Queue depth; beyond it `POST /api/eval` answers 503 with `Retry-After`.
+    pub max_queued: usize,
+    /// Bearer token required on `/api/*` and `/metrics` when set. Env `CRUCIBLE_API_TOKEN`.
+    pub api_token: Option<String>,
+    /// File whose first line is the API token (keeps the secret out of this file).
+    pub api_token_file: Option<PathBuf>,
+    /// Name of this node in events; generated once and kept in the store when unset.
+    pub node_id: Option<String>,
+    /// `auto`, `human`, `json` or `journald`.
+    pub log_format: LogFormat,
+    /// Default log filter (tracing `EnvFilter` syntax); `RUST_LOG` overrides it.
+    pub log_level: String,
+    /// Seconds to let running evaluations finish at shutdown before they are killed and
+    /// recorded as `failed` with `failure_reason = "interrupted"`. Keep it below systemd's
+    /// `TimeoutStopSec`.
+    pub shutdown_grace_secs: u64,
+    /// Start with the queue paused (submissions are accepted, nothing is started).
+    pub start_paused: bool,
+    /// HTTP limits.
+    pub http: HttpConfig,
+    /// Per-evaluation limits.
+    pub limits: Limits,
+    /// The embedded sled store.
+    pub store: StoreConfig,
+    /// Outbox relays, retention and dead letters.
+    pub outbox: OutboxConfig,
+    /// Sandbox executor settings.
+    pub sandbox: SandboxConfig,
+    /// Languages by name (`python`, `sh`, ...).
+    pub languages: BTreeMap<String, Language>,
+    /// Event sinks fed by the outbox.
+    pub sinks: SinksConfig,
+    /// Redis: delivery of every event (PUBLISH + XADD) and request/reply.
+    pub redis: RedisConfig,
+    /// PostgreSQL: a queryable copy of every evaluation and event.
+    pub postgres: PostgresConfig,
+    /// The Docker executor (`executor = "docker"`).
+    pub docker: DockerConfig,
+}
+
+/// `[docker]`: one hardened container per evaluation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DockerConfig {
+    /// Engine address: `unix:///var/run/docker.sock` or `tcp://127.0.0.1:2375` (a socket
+    /// proxy). Env `DOCKER_HOST` overrides it. Empty: the engine's default socket.
+    pub host: String,
+    /// `uid:gid` the code runs as inside the container (never root).
+    pub user: String,
+    /// CPU quota per evaluation, in CPUs.
+    pub cpus: f64,
+    /// Pull an allow-listed image that is missing (when the engine can reach a registry).
+    pub pull: bool,
+    /// Containers kept created and ready per language, so an evaluation skips the create
+    /// step. A container is never used twice. 0 turns the pool off.
+    pub warm_pool: usize,
+    /// Attempts to create a container when the engine answers with a transient error.
+    pub create_attempts: u32,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        DockerConfig {
+            host: String::new(),
+            user: "65534:65534".into(),
+            cpus: 1.0,
+            pull: true,
+            warm_pool: 0,
+            create_attempts: 3,
+        }
+    }
+}
+
+/// `[postgres]`. Enabled when `url` is set (env `DATABASE_URL`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// `postgres://user:password@host:port/db` (or key=value form). Env `DATABASE_URL`
+    /// overrides it ("" disables). No TLS in this build: use a local or tunnelled server.
+    pub url: Option<String>,
+}
+
+/// `[redis]`. Enabled when `url` is set (env `REDIS_URL`); without it nothing talks to Redis.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]`. Env `REDIS_URL` overrides it ("" disables).
+    pub url: Option<String>,
+    /// Stream every event is added to (XADD), for consumers that must not miss one.
+    pub stream: String,
+    /// Approximate cap of the stream (`XADD ... MAXLEN ~ N`).
+    pub stream_maxlen: u64,
+    /// Also PUBLISH each event on its seed channel (`evaluation:queued`, ...).
+    pub publish: bool,
+    /// Channel of the request/reply responder; "" turns the responder off.
+    pub request_channel: String,
+    /// Requests handled at once; more wait (and may be dropped by the subscriber buffer).
+    pub max_inflight_requests: usize,
+    /// Messages the subscriber buffers for the responder; beyond it they are dropped
+    /// (counted in `crucible_redis_requests_dropped_total`).
+    pub subscriber_buffer: usize,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: None,
+            stream: "crucible:events".into(),
+            stream_maxlen: 1_000_000,
+            publish: true,
+            request_channel: "crucible.request".into(),
+            max_inflight_requests: 64,
+            subscriber_buffer: 4096,
+        }
+    }
+}
+
+/// HTTP server limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Largest accepted request body in bytes (413 beyond it).
+    pub max_body_bytes: usize,
+    /// Connections served at once; further connections wait in the kernel backlog.
+    pub max_connections: usize,
+    /// Memory budget for request bodies being read or processed at once, in MiB; a request
+    /// waits for its share before its body is read (back-pressure instead of growth).
+    pub max_inflight_body_mb: u64,
+    /// Seconds between keep-alive comments on `/api/events` streams.
+    pub sse_keepalive_secs: u64,
+}
+
+/// Limits applied to every evaluation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest `code` in bytes (422 beyond it).
+    pub max_code_bytes: usize,
+    /// Largest `stdin` in bytes (422 beyond it).
+    pub max_stdin_bytes: usize,
+    /// Largest serialized `metadata` object in bytes (422 beyond it).
+    pub max_metadata_bytes: usize,
+    /// Wall-clock timeout in seconds when a request gives none.
+    pub default_timeout_secs: f64,
+    /// Largest accepted `timeout` in seconds (422 beyond it).
+    pub max_timeout_secs: f64,
+    /// Bytes of stdout and of stderr kept per evaluation; the rest is read and dropped,
+    /// and `output_truncated` is set.
+    pub max_output_bytes: usize,
+    /// Address-space limit per process in MiB (RLIMIT_AS / Docker memory).
+    pub memory_mb: u64,
+    /// Processes (and threads) the evaluation may have at once (RLIMIT_NPROC / pids limit).
+    pub max_processes: u64,
+    /// Largest file the evaluation may write, in MiB (RLIMIT_FSIZE).
+    pub max_file_mb: u64,
+    /// Size of the private writable /tmp, in MiB.
+    pub tmp_mb: u64,
+    /// Open files per process (RLIMIT_NOFILE).
+    pub max_open_files: u64,
+}
+
+/// The sled store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// sled page-cache cap in MiB (sled's own default is 1 GiB: too much for a 1 GB box).
+    pub cache_mb: u64,
+    /// Group-commit window in microseconds: after the first pending write arrives, the
+    /// writer waits this long for more before one flush covers them all. 0 = flush as soon
+    /// as the channel is drained (concurrent writers still share flushes).
+    pub flush_window_us: u64,
+    /// Most writes applied and flushed as one batch.
+    pub max_batch: usize,
+}
+
+/// Outbox relays.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    /// Events read and delivered per relay round.
+    pub batch_size: usize,
+    /// Keep delivered events this many seconds for replay and `Last-Event-ID` resumption.
+    pub retain_secs: u64,
+    /// Seconds between pruning rounds.
+    pub prune_interval_secs: u64,
+    /// Failed attempts on the same event before it moves to the dead-letter list.
+    pub max_attempts: u32,
+    /// First retry delay in milliseconds (doubles each failure, with jitter).
+    pub backoff_initial_ms: u64,
+    /// Retry delay cap in milliseconds.
+    pub backoff_max_ms: u64,
+    /// Relays also poll this often (milliseconds) in case a wake-up was missed.
+    pub poll_interval_ms: u64,
+}
+
+/// Sandbox executor settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxConfig {
+    /// Host uid the sandboxed code runs as when crucible itself runs as root.
+    pub uid: u32,
+    /// Host gid the sandboxed code runs as when crucible itself runs as root.
+    pub gid: u32,
+    /// Host directories mounted read-only at the same path (missing ones are skipped).
+    pub ro_dirs: Vec<String>,
+    /// Files or directories under /etc exposed read-only (secrets in /etc never are).
+    pub etc_files: Vec<String>,
+    /// `PATH` inside the sandbox.
+    pub path: String,
+    /// Work area for sandbox roots; default `<data_dir>/sandbox`.
+    pub work_dir: Option<PathBuf>,
+}
+
+/// One language: how the sandbox runs it and which image the Docker backend uses.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Language {
+    /// Program and arguments; `{file}` is replaced by the path of the code file.
+    pub command: Vec<String>,
+    /// Name of the code file inside the sandbox.
+    #[serde(default = "default_file_name")]
+    pub file: String,
+    /// The Docker backend's allow-listed image for this language.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Debian package that provides the interpreter (named when it is missing).
+    #[serde(default)]
+    pub package: Option<String>,
+}
+
+/// A `[languages.NAME]` table as written in the file: every key optional.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LanguagePatch {
+    command: Option<Vec<String>>,
+    file: Option<String>,
+    image: Option<String>,
+    package: Option<String>,
+    enabled: Option<bool>,
+}
+
+fn default_file_name() -> String {
+    "main".to_string()
+}
+
+/// Event sinks.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SinksConfig {
+    /// Append-only JSON-lines file: one event per line, fsynced before the cursor moves.
+    pub file: Option<FileSinkConfig>,
+}
+
+/// `[sinks.file]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSinkConfig {
+    /// Path of the JSON-lines file (created if missing).
+    pub path: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let mut languages = BTreeMap::new();
+        languages.insert(
+            "python".to_string(),
+            Language {
+                command: vec!["python3".into(), "-I".into(), "-B".into(), "{file}".into()],
+                file: "main.py".into(),
+                image: Some("python:3.12-slim".into()),
+                package: Some("python3".into()),
+            },
+        );
+        languages.insert(
+            "sh".to_string(),
+            Language {
+                command: vec!["sh".into(), "{file}".into()],
+                file: "main.sh".into(),
+                image: Some("busybox:stable".into()),
+                package: Some("dash".into()),
+            },
+        );
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("./crucible-data"),
+            executor: ExecutorKind::Sandbox,
+            workers: 2,
+            max_queued: 10_000,
+            api_token: None,
+            api_token_file: None,
+            node_id: None,
+            log_format: LogFormat::Auto,
+            log_level: "info".into(),
+            shutdown_grace_secs: 10,
+            start_paused: false,
+            http: HttpConfig::default(),
+            limits: Limits::default(),
+            store: StoreConfig::default(),
+            outbox: OutboxConfig::default(),
+            sandbox: SandboxConfig::default(),
+            languages,
+            sinks: SinksConfig::default(),
+            redis: RedisConfig::default(),
+            postgres: PostgresConfig::default(),
+            docker: DockerConfig::default(),
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1024 * 1024,
+            max_connections: 1024,
+            max_inflight_body_mb: 64,
+            sse_keepalive_secs: 15,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_code_bytes: 512 * 1024,
+            max_stdin_bytes: 256 * 1024,
+            max_metadata_bytes: 16 * 1024,
+            default_timeout_secs: 10.0,
+            max_timeout_secs: 300.0,
+            max_output_bytes: 256 * 1024,
+            memory_mb: 256,
+            max_processes: 64,
+            max_file_mb: 16,
+            tmp_mb: 16,
+            max_open_files: 256,
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            cache_mb: 16,
+            flush_window_us: 0,
+            max_batch: 256,
+        }
+    }
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 512,
+            retain_secs: 24 * 3600,
+            prune_interval_secs: 60,
+            max_attempts: 5,
+            backoff_initial_ms: 100,
+            backoff_max_ms: 5_000,
+            poll_interval_ms: 1000,
+        }
+    }
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self {
+            uid: 65534,
+            gid: 65534,
+            ro_dirs: ["/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            etc_files: [
+                "alternatives",
+                "ld.so.cache",
+                "ld.so.conf",
+                "ld.so.conf.d",
+                "localtime",
+                "mime.types",
+                "python3",
+                "python3.11",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+            path: "/usr/local/bin:/usr/bin:/bin".into(),
+            work_dir: None,
+        }
+    }
+}
+
+/// Command-line overrides (highest precedence).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Config {
+    /// Load the file (if any), apply the environment and the flags, then validate.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let env: BTreeMap<String, String> = std::env::vars().collect();
+        Self::load_with_env(path, overrides, &env)
+    }
+
+    /// Same as [`Config::load`] with an explicit environment (for tests).
+    pub fn load_with_env(
+        path: Option<&Path>,
+        overrides: &Overrides,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        let mut cfg = match path {
+            Some(p) => Self::from_file(p)?,
+            None => Config::default(),
+        };
+        cfg.apply_env(env)?;
+        if let Some(l) = overrides.listen {
+            cfg.listen = l;
+        }
+        if let Some(d) = &overrides.data_dir {
+            cfg.data_dir = d.clone();
+        }
+        cfg.resolve_token_file()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parse a TOML file on top of the embedded defaults.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    /// Parse TOML text on top of the embedded defaults. Each `[languages.NAME]` table is
+    /// merged key by key onto the built-in entry of that name (so `image = "..."` alone is
+    /// enough to change the Docker image of `python`); `enabled = false` removes a language.
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        let mut root: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+        let langs = root.remove("languages");
+        let mut cfg: Config = toml::Value::Table(root)
+            .try_into()
+            .map_err(|e: toml::de::Error| e.to_string())?;
+        let mut merged = Config::default().languages;
+        if let Some(langs) = langs {
+            let table = match langs {
+                toml::Value::Table(t) => t,
+                _ => return Err("`languages` must be a table of [languages.NAME]".into()),
+            };
+            for (name, entry) in table {
+                let patch: LanguagePatch = entry
+                    .try_into()
+                    .map_err(|e: toml::de::Error| format!("languages.{name}: {e}"))?;
+                if patch.enabled == Some(false) {
+                    merged.remove(&name);
+                    continue;
+                }
+                let mut lang = merged.remove(&name).unwrap_or(Language {
+                    command: Vec::new(),
+                    file: default_file_name(),
+                    image: None,
+                    package: None,
+                });
+                if let Some(c) = patch.command {
+                    lang.command = c;
+                }
+                if let Some(f) = patch.file {
+                    lang.file = f;
+                }
+                if let Some(i) = patch.image {
+                    lang.image = Some(i);
+                }
+                if let Some(p) = patch.package {
+                    lang.package = Some(p);
+                }
+                merged.insert(name, lang);
+            }
+        }
+        cfg.languages = merged;
+        Ok(cfg)
+    }
+
+    fn apply_env(&mut self, env: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+        if let Some(v) = env.get("CRUCIBLE_LISTEN") {
+            self.listen = v
+                .parse()
+                .map_err(|e| invalid("CRUCIBLE_LISTEN", format!("`{v}` is not an address: {e}")))?;
+        }
+        if let Some(v) = env.get("CRUCIBLE_DATA_DIR") {
+            self.data_dir = PathBuf::from(v);
+        }
+        if let Some(v) = env.get("CRUCIBLE_EXECUTOR") {
+            self.executor = v
+                .parse()
+                .map_err(|e: String| invalid("CRUCIBLE_EXECUTOR", e))?;
+        }
+        if let Some(v) = env.get("DOCKER_HOST") {
+            self.docker.host = v.clone();
+        }
+        if let Some(v) = env.get("DATABASE_URL") {
+            self.postgres.url = if v.is_empty() { None } else { Some(v.clone()) };
+        }
+        if let Some(v) = env.get("REDIS_URL") {
+            self.redis.url = if v.is_empty() { None } else { Some(v.clone()) };
+        }
+        if let Some(v) = env.get("CRUCIBLE_API_TOKEN") {
+            self.api_token = if v.is_empty() { None } else { Some(v.clone()) };
+        }
+        Ok(())
+    }
+
+    fn resolve_token_file(&mut self) -> Result<(), ConfigError> {
+        if self.api_token.is_some() {
+            return Ok(());
+        }
+        if let Some(p) = &self.api_token_file {
+            let text = std::fs::read_to_string(p).map_err(|e| {
+                invalid(
+                    "api_token_file",
+                    format!("cannot read {}: {e}", p.display()),
+                )
+            })?;
+            let token = text.lines().next().unwrap_or("").trim().to_string();
+            if token.is_empty() {
+                return Err(invalid(
+                    "api_token_file",
+                    format!("{} is empty", p.display()),
+                ));
+            }
+            self.api_token = Some(token);
+        }
+        Ok(())
+    }
+
+    /// Check every value; the message names the key and what is wrong with it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.executor == ExecutorKind::Docker {
+            let d = &self.docker;
+            let user_ok = d.user.split_once(':').is_some_and(|(u, g)| {
+                u.parse::<u32>().is_ok_and(|u| u != 0) && g.parse::<u32>().is_ok()
+            });
+            if !user_ok {
+                return Err(invalid(
+                    "docker.user",
+                    "must be numeric `uid:gid` with a uid other than 0",
+                ));
+            }
+            if !(d.cpus.is_finite() && d.cpus > 0.0 && d.cpus <= 64.0) {
+                return Err(invalid("docker.cpus", "must be above 0 and at most 64"));
+            }
+            if d.warm_pool > 16 {
+                return Err(invalid(
+                    "docker.warm_pool",
+                    "must be at most 16 per language",
+                ));
+            }
+            if d.create_attempts == 0 {
+                return Err(invalid("docker.create_attempts", "must be at least 1"));
+            }
+            if !(d.host.is_empty()
+                || d.host.starts_with("unix://")
+                || d.host.starts_with("tcp://")
+                || d.host.starts_with("http://"))
+            {
+                return Err(invalid(
+                    "docker.host",
+                    "must be unix:///path or tcp://host:port (TLS is not part of this build)",
+                ));
+            }
+            for (name, lang) in &self.languages {
+                if lang.image.as_deref().unwrap_or("").is_empty() {
+                    return Err(invalid(
+                        &format!("languages.{name}.image"),
+                        "the docker executor needs an image for every language",
+                    ));
+                }
+            }
+        }
+        if self.workers == 0 || self.workers > 256 {
+            return Err(invalid("workers", "must be between 1 and 256"));
+        }
+        if self.max_queued == 0 {
+            return Err(invalid("max_queued", "must be at least 1"));
+        }
+        if let Some(t) = &self.api_token {
+            if t.trim().is_empty() || t.len() > 4096 {
+                return Err(invalid(
+                    "api_token",
+                    "must be 1 to 4096 non-blank characters",
+                ));
+            }
+        }
+        if let Some(n) = &self.node_id {
+            if n.is_empty() || n.len() > 64 || !n.chars().all(is_name_char) {
+                return Err(invalid(
+                    "node_id",
+                    "must be 1 to 64 characters of [A-Za-z0-9._-]",
+                ));
+            }
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+        if self.http.max_body_bytes < 1024 {
+            return Err(invalid("http.max_body_bytes", "must be at least 1024"));
+        }
+        if (self.http.max_inflight_body_mb as usize).saturating_mul(1024 * 1024)
+            < self.http.max_body_bytes
+        {
+            return Err(invalid(
+                "http.max_inflight_body_mb",
+                "must hold at least one body of http.max_body_bytes",
+            ));
+        }
+        if self.http.max_connections == 0 {
+            return Err(invalid("http.max_connections", "must be at least 1"));
+        }
+        if self.http.sse_keepalive_secs == 0 {
+            return Err(invalid("http.sse_keepalive_secs", "must be at least 1"));
+        }
+        let l = &self.limits;
+        if l.max_code_bytes == 0 || l.max_code_bytes > self.http.max_body_bytes {
+            return Err(invalid(
+                "limits.max_code_bytes",
+                "must be at least 1 and at most http.max_body_bytes",
+            ));
+        }
+        if !(l.max_timeout_secs.is_finite()
+            && l.max_timeout_secs >= 1.0
+            && l.max_timeout_secs <= 86_400.0)
+        {
+            return Err(invalid(
+                "limits.max_timeout_secs",
+                "must be between 1 and 86400",
+            ));
+        }
+        if !(l.default_timeout_secs.is_finite()
+            && l.default_timeout_secs > 0.0
+            && l.default_timeout_secs <= l.max_timeout_secs)
+        {
+            return Err(invalid(
+                "limits.default_timeout_secs",
+                "must be above 0 and at most limits.max_timeout_secs",
+            ));
+        }
+        if l.max_output_bytes < 64 {
+            return Err(invalid("limits.max_output_bytes", "must be at least 64"));
+        }
+        if l.memory_mb < 16 {
+            return Err(invalid("limits.memory_mb", "must be at least 16"));
+        }
+        if l.max_processes == 0 {
+            return Err(invalid("limits.max_processes", "must be at least 1"));
+        }
+        if l.tmp_mb == 0 || l.max_file_mb == 0 {
+            return Err(invalid(
+                "limits.tmp_mb",
+                "tmp_mb and max_file_mb must be at least 1",
+            ));
+        }
+        if l.max_open_files < 16 {
+            return Err(invalid("limits.max_open_files", "must be at least 16"));
+        }
+        if self.store.cache_mb < 4 {
+            return Err(invalid("store.cache_mb", "must be at least 4"));
+        }
+        if self.store.max_batch == 0 {
+            return Err(invalid("store.max_batch", "must be at least 1"));
+        }
+        if self.store.flush_window_us > 100_000 {
+            return Err(invalid(
+                "store.flush_window_us",
+                "must be at most 100000 (0.1 s)",
+            ));
+        }
+        let o = &self.outbox;
+        if o.batch_size == 0 || o.batch_size > 10_000 {
+            return Err(invalid("outbox.batch_size", "must be between 1 and 10000"));
+        }
+        if o.max_attempts == 0 {
+            return Err(invalid("outbox.max_attempts", "must be at least 1"));
+        }
+        if o.backoff_initial_ms == 0 || o.backoff_max_ms < o.backoff_initial_ms {
+            return Err(invalid(
+                "outbox.backoff_max_ms",
+                "backoff_initial_ms must be >= 1 and backoff_max_ms >= backoff_initial_ms",
+            ));
+        }
+        if o.poll_interval_ms == 0 || o.prune_interval_secs == 0 {
+            return Err(invalid(
+                "outbox.poll_interval_ms",
+                "poll_interval_ms and prune_interval_secs must be at least 1",
+            ));
+        }
+        if self.languages.is_empty() {
+            return Err(invalid("languages", "at least one language is required"));
+        }
+        for (name, lang) in &self.languages {
+            let key = format!("languages.{name}");
+            if name.is_empty() || name.len() > 32 || !name.chars().all(is_name_char) {
+                return Err(invalid(
+                    &key,
+                    "language names are 1 to 32 characters of [A-Za-z0-9._-]",
+                ));
+            }
+            if lang.command.is_empty() || lang.command[0].is_empty() {
+                return Err(invalid(&format!("{key}.command"), "must name a program"));
+            }
+            if lang.file.is_empty()
+                || lang.file.len() > 64
+                || !lang.file.chars().all(is_name_char)
+                || lang.file.starts_with('.')
+            {
+                return Err(invalid(
+                    &format!("{key}.file"),
+                    "must be a plain file name of [A-Za-z0-9._-]",
+                ));
+            }
+        }
+        if let Some(f) = &self.sinks.file {
+            if f.path.as_os_str().is_empty() {
+                return Err(invalid("sinks.file.path", "must not be empty"));
+            }
+        }
+        if let Some(u) = &self.redis.url {
+            if !(u.starts_with("redis://") || u.starts_with("redis-cluster://")) {
+                return Err(invalid(
+                    "redis.url",
+                    format!("`{u}` must start with redis:// (TLS is not part of this build)"),
+                ));
+            }
+        }
+        if let Some(u) = &self.postgres.url {
+            if u.parse::<tokio_postgres::Config>().is_err() {
+                return Err(invalid(
+                    "postgres.url",
+                    "is not a PostgreSQL connection string (postgres://user:pass@host:port/db)",
+                ));
+            }
+        }
+        if self.redis.stream.is_empty() {
+            return Err(invalid("redis.stream", "must not be empty"));
+        }
+        if self.redis.max_inflight_requests == 0 || self.redis.subscriber_buffer == 0 {
+            return Err(invalid(
+                "redis.max_inflight_requests",
+                "max_inflight_requests and subscriber_buffer must be at least 1",
+            ));
+        }
+        for d in &self.sandbox.ro_dirs {
+            if !d.starts_with('/') || d == "/" || d.contains("..") {
+                return Err(invalid(
+                    "sandbox.ro_dirs",
+                    format!("`{d}` must be an absolute path other than /"),
+                ));
+            }
+        }
+        for f in &self.sandbox.etc_files {
+            if f.is_empty() || f.starts_with('/') || f.contains("..") {
+                return Err(invalid(
+                    "sandbox.etc_files",
+                    format!("`{f}` must be a path relative to /etc"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Where sandbox roots are created.
+    pub fn sandbox_work_dir(&self) -> PathBuf {
+        self.sandbox
+            .work_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("sandbox"))
+    }
+
+    /// The configuration as TOML with the token masked (for `check-config` and logs).
+    pub fn to_redacted_toml(&self) -> String {
+        let mut c = self.clone();
+        if c.api_token.is_some() {
+            c.api_token = Some("<redacted>".into());
+        }
+        c.postgres.url = c.postgres.url.map(|u| redact_url(&u));
+        c.redis.url = c.redis.url.map(|u| redact_url(&u));
+        toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+/// `scheme://user:secret@host/...` -> `scheme://user:<redacted>@host/...`; `password=...`
+/// in key=value strings too.
+pub fn redact_url(u: &str) -> String {
+    if let Some((scheme, rest)) = u.split_once("://") {
+        if let Some((creds, host)) = rest.split_once('@') {
+            let user = creds.split(':').next().unwrap_or("");
+            if creds.contains(':') {
+                return format!("{scheme}://{user}:<redacted>@{host}");
+            }
+        }
+        return u.to_string();
+    }
+    u.split_whitespace()
+        .map(|kv| {
+            if kv.starts_with("password=") {
+                "password=<redacted>".to_string()
+            } else {
+                kv.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.'
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid_and_match_the_brief() {
+        let c = Config::load_with_env(None, &Overrides::default(), &env(&[])).expect("valid");
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.data_dir, PathBuf::from("./crucible-data"));
+        assert_eq!(c.executor, ExecutorKind::Sandbox);
+        assert_eq!(c.workers, 2);
+        assert_eq!(c.max_queued, 10_000);
+        assert!(c.languages.contains_key("python"));
+        assert!(c.languages.contains_key("sh"));
+    }
+
+    #[test]
+    fn precedence_file_then_env_then_flags() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "listen = \"127.0.0.1:9000\"\ndata_dir = \"/from/file\"\nworkers = 3\n[languages.python]\nimage = \"python:3.12-slim\"\ncommand = [\"python3\", \"{file}\"]\nfile = \"main.py\"\n",
+        )
+        .expect("write");
+        let c = Config::load_with_env(Some(&p), &Overrides::default(), &env(&[])).expect("ok");
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.workers, 3);
+        assert!(
+            c.languages.contains_key("sh"),
+            "other default languages kept"
+        );
+        let c = Config::load_with_env(
+            Some(&p),
+            &Overrides::default(),
+            &env(&[
+                ("CRUCIBLE_LISTEN", "127.0.0.1:9001"),
+                ("CRUCIBLE_DATA_DIR", "/from/env"),
+            ]),
+        )
+        .expect("ok");
+        assert_eq!(c.listen.port(), 9001);
+        assert_eq!(c.data_dir, PathBuf::from("/from/env"));
+        let o = Overrides {
+            listen: Some("127.0.0.1:9002".parse().expect("addr")),
+            data_dir: Some("/from/flag".into()),
+        };
+        let c = Config::load_with_env(Some(&p), &o, &env(&[("CRUCIBLE_LISTEN", "127.0.0.1:9001")]))
+            .expect("ok");
+        assert_eq!(c.listen.port(), 9002);
+        assert_eq!(c.data_dir, PathBuf::from("/from/flag"));
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (text, key) in [
+            ("workers = 0", "workers"),
+            ("max_queued = 0", "max_queued"),
+            ("[limits]\nmemory_mb = 1", "limits.memory_mb"),
+            (
+                "[limits]\ndefault_timeout_secs = 1000.0",
+                "limits.default_timeout_secs",
+            ),
+            ("[languages.x]\ncommand = []", "languages.x.command"),
+            (
+                "executor = \"docker\"\n[docker]\nuser = \"0:0\"",
+                "docker.user",
+            ),
+            (
+                "executor = \"docker\"\n[docker]\nhost = \"ssh://x\"",
+                "docker.host",
+            ),
+        ] {
+            let c = Config::from_toml(text).expect("parses");
+            let err = c.validate().expect_err(text).to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+        let err = Config::from_toml("wrokers = 2").expect_err("unknown key");
+        assert!(err.contains("wrokers"), "{err}");
+        let err = Config::load_with_env(
+            None,
+            &Overrides::default(),
+            &env(&[("CRUCIBLE_EXECUTOR", "podman")]),
+        )
+        .expect_err("bad executor")
+        .to_string();
+        assert!(err.contains("CRUCIBLE_EXECUTOR"), "{err}");
+    }
+
+    #[test]
+    fn token_file_and_redaction() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tf = dir.path().join("token");
+        std::fs::write(&tf, "s3cret\n").expect("write");
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            format!("api_token_file = {:?}\n", tf.display().to_string()),
+        )
+        .expect("write");
+        let c = Config::load_with_env(Some(&p), &Overrides::default(), &env(&[])).expect("ok");
+        assert_eq!(c.api_token.as_deref(), Some("s3cret"));
+        let shown = c.to_redacted_toml();
+        assert!(!shown.contains("s3cret"));
+        assert!(shown.contains("<redacted>"));
+    }
+}

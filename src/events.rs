@@ -1,0 +1,115 @@
+//! The one event type. Every state change of an evaluation produces exactly one
+//! [`Event`], written in the same atomic store batch as the record it describes. Sinks,
+//! the SSE stream and replays all read these from the durable log; nothing else
+//! constructs events.
+
+use crate::model::{Evaluation, Status};
+use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
+use std::sync::Arc;
+
+/// Event types; the wire name is also the Redis channel (seed names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EventType {
+    #[serde(rename = "evaluation:queued")]
+    Queued,
+    #[serde(rename = "evaluation:started")]
+    Started,
+    #[serde(rename = "evaluation:completed")]
+    Completed,
+    #[serde(rename = "evaluation:failed")]
+    Failed,
+    #[serde(rename = "evaluation:cancelled")]
+    Cancelled,
+    #[serde(rename = "storage:evaluation:created")]
+    StorageCreated,
+    #[serde(rename = "storage:evaluation:updated")]
+    StorageUpdated,
+}
+
+impl EventType {
+    /// Every type, for docs and metrics.
+    pub const ALL: [EventType; 7] = [
+        EventType::Queued,
+        EventType::Started,
+        EventType::Completed,
+        EventType::Failed,
+        EventType::Cancelled,
+        EventType::StorageCreated,
+        EventType::StorageUpdated,
+    ];
+
+    /// The wire name (and channel).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Queued => "evaluation:queued",
+            EventType::Started => "evaluation:started",
+            EventType::Completed => "evaluation:completed",
+            EventType::Failed => "evaluation:failed",
+            EventType::Cancelled => "evaluation:cancelled",
+            EventType::StorageCreated => "storage:evaluation:created",
+            EventType::StorageUpdated => "storage:evaluation:updated",
+        }
+    }
+
+    /// The event announcing that an evaluation entered `status`.
+    pub fn for_status(status: Status) -> EventType {
+        match status {
+            Status::Queued => EventType::Queued,
+            Status::Running => EventType::Started,
+            Status::Completed => EventType::Completed,
+            Status::Failed => EventType::Failed,
+            Status::Cancelled => EventType::Cancelled,
+        }
+    }
+}
+
+/// `{"event_id", "seq", "type", "eval_id", "version", "timestamp", "node", "data"}`.
+///
+/// `seq` is this node's log position (strictly increasing, no gaps); `event_id` is stable
+/// across redeliveries so consumers dedupe on it; `version` is the evaluation's version
+/// after the change; `data` is the full evaluation record after the change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub event_id: String,
+    pub seq: u64,
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    pub eval_id: String,
+    pub version: u64,
+    pub timestamp: String,
+    pub node: String,
+    pub data: Evaluation,
+    /// The exact JSON this event was stored as, when it was read from the log: sinks
+    /// forward these bytes instead of serializing the event again.
+    #[serde(skip)]
+    pub raw: Option<Arc<str>>,
+}
+
+impl Event {
+    /// The event JSON as one line (no trailing newline): the stored bytes when known.
+    pub fn to_json(&self) -> Cow<'_, str> {
+        match &self.raw {
+            Some(r) => Cow::Borrowed(r),
+            // Serializing plain data with string keys cannot fail.
+            None => Cow::Owned(serde_json::to_string(self).unwrap_or_default()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn type_names_are_the_seed_channels() {
+        for t in EventType::ALL {
+            let v = serde_json::to_value(t).expect("ser");
+            assert_eq!(v, serde_json::Value::String(t.as_str().to_string()));
+        }
+        assert_eq!(
+            EventType::for_status(Status::Running).as_str(),
+            "evaluation:started"
+        );
+    }
+}

@@ -1,0 +1,694 @@
+//! The `docker` backend: one hardened container per evaluation, through bollard.
+//!
+//! Nothing a request carries reaches Docker except the code and stdin, and those only as
+//! bytes on the container's stdin: the image comes from the operator's allow-list per
+//! language, and every container gets the same profile: no network, read-only root,
+//! a size-capped noexec tmpfs on /tmp, a non-root user, all capabilities dropped,
+//! no-new-privileges, a pids limit, memory = memory+swap limit, a CPU quota, a high OOM
+//! score, no host binds, no logging driver, labels naming this node and the evaluation.
+//!
+//! The code goes in through stdin behind its length (`N\n<code><stdin>`): a two-line
+//! bootstrap (`read -r n; head -c "$n" > /tmp/FILE; exec CMD`) writes it inside the
+//! container and hands the rest of stdin to the program. No host file is ever written.
+//!
+//! Containers are removed after each run; at start-up those left by a crash (this node's
+//! label) are removed. With `warm_pool > 0`, containers are created ahead of time and each
+//! serves exactly one evaluation.
+
+use super::{
+    read_capped_stream, BoxFuture, Executor, ExecutorHealth, Job, LanguageState, RunOutput,
+    Termination,
+};
+use crate::config::Config;
+use bollard::models::{ContainerCreateBody, HostConfig, ResourcesUlimits};
+use bollard::query_parameters::{
+    AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
+    KillContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+};
+use bollard::Docker;
+use futures_util::StreamExt;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Label carrying the node id; orphan reaping selects on it.
+pub const LABEL_NODE: &str = "crucible.node";
+/// Label carrying the eval_id (`warm` for a pool container not yet used).
+pub const LABEL_EVAL: &str = "crucible.eval_id";
+
+#[derive(Debug, Clone)]
+struct Lang {
+    image: String,
+    script: String,
+}
+
+/// Engine state for /health.
+#[derive(Debug, Clone, Default)]
+struct EngineState {
+    reachable: bool,
+    version: Option<String>,
+    last_error: Option<String>,
+    checked: Option<Instant>,
+}
+
+/// Counters for /metrics and the benchmark.
+#[derive(Debug, Default)]
+pub struct DockerStats {
+    pub created: AtomicU64,
+    pub warm_hits: AtomicU64,
+    pub warm_misses: AtomicU64,
+    pub create_retries: AtomicU64,
+}
+
+/// The Docker executor.
+pub struct DockerExecutor {
+    docker: Docker,
+    node: String,
+    languages: HashMap<String, Lang>,
+    user: String,
+    memory_bytes: i64,
+    pids: i64,
+    nano_cpus: i64,
+    tmp_bytes: u64,
+    max_file_bytes: i64,
+    max_open_files: i64,
+    max_output: usize,
+    pull: bool,
+    create_attempts: u32,
+    warm_target: usize,
+    warm: Mutex<HashMap<String, VecDeque<String>>>,
+    refill: Notify,
+    state: Mutex<EngineState>,
+    pub stats: DockerStats,
+}
+
+/// Quote one argument for `sh -c`.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+fn docker_err(e: bollard::errors::Error) -> String {
+    e.to_string()
+}
+
+impl DockerExecutor {
+    /// Connect (lazily: the engine may be down now and come up later) and prepare the
+    /// language table from the allow-list.
+    pub fn new(cfg: &Config, node: &str) -> Result<Arc<DockerExecutor>, String> {
+        let docker = if cfg.docker.host.is_empty() {
+            Docker::connect_with_local_defaults()
+        } else {
+            Docker::connect_with_host(&cfg.docker.host)
+        }
+        .map_err(|e| format!("docker.host `{}`: {e}", cfg.docker.host))?;
+        let mut languages = HashMap::new();
+        for (name, lang) in &cfg.languages {
+            let file = format!("/tmp/{}", lang.file);
+            let cmd: Vec<String> = lang
+                .command
+                .iter()
+                .map(|a| sh_quote(&a.replace("{file}", &file)))
+                .collect();
+            let script = format!(
+                "IFS= read -r n && head -c \"$n\" > {} && exec {}",
+                sh_quote(&file),
+                cmd.join(" ")
+            );
+            languages.insert(
+                name.clone(),
+                Lang {
+                    image: lang.image.clone().unwrap_or_default(),
+                    script,
+                },
+            );
+        }
+        let l = &cfg.limits;
+        Ok(Arc::new(DockerExecutor {
+            docker,
+            node: node.to_string(),
+            languages,
+            user: cfg.docker.user.clone(),
+            memory_bytes: (l.memory_mb * 1024 * 1024) as i64,
+            pids: l.max_processes as i64,
+            nano_cpus: (cfg.docker.cpus * 1e9) as i64,
+            tmp_bytes: l.tmp_mb * 1024 * 1024,
+            max_file_bytes: (l.max_file_mb * 1024 * 1024) as i64,
+            max_open_files: l.max_open_files as i64,
+            max_output: l.max_output_bytes,
+            pull: cfg.docker.pull,
+            create_attempts: cfg.docker.create_attempts,
+            warm_target: cfg.docker.warm_pool,
+            warm: Mutex::new(HashMap::new()),
+            refill: Notify::new(),
+            state: Mutex::new(EngineState::default()),
+            stats: DockerStats::default(),
+        }))
+    }
+
+    fn set_state(&self, reachable: bool, version: Option<String>, error: Option<String>) {
+        if let Ok(mut s) = self.state.lock() {
+            let was = s.reachable;
+            s.reachable = reachable;
+            if version.is_some() {
+                s.version = version;
+            }
+            if reachable {
+                s.last_error = None;
+            } else if let Some(e) = error {
+                if was || s.last_error.is_none() {
+                    tracing::warn!(error = %e, "docker engine unreachable; evaluations wait in the queue");
+                }
+                s.last_error = Some(e);
+            }
+            if reachable && !was {
+                tracing::info!("docker engine reachable");
+            }
+            s.checked = Some(Instant::now());
+        }
+    }
+
+    /// Ask the engine (negotiating nothing: bollard speaks a version every engine since
+    /// 2019 accepts; the engine's own version is reported in /health).
+    async fn probe(&self) -> Result<(), String> {
+        match tokio::time::timeout(Duration::from_secs(3), self.docker.version()).await {
+            Ok(Ok(v)) => {
+                let version = format!(
+                    "{} (API {})",
+                    v.version.unwrap_or_default(),
+                    v.api_version.unwrap_or_default()
+                );
+                self.set_state(true, Some(version), None);
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                let msg = format!("docker engine: {e}");
+                self.set_state(false, None, Some(msg.clone()));
+                Err(msg)
+            }
+            Err(_) => {
+                let msg = "docker engine: no answer within 3 s".to_string();
+                self.set_state(false, None, Some(msg.clone()));
+                Err(msg)
+            }
+        }
+    }
+
+    /// Start-up: remove this node's containers left by a crash, and start the warm pool.
+    pub async fn start(self: &Arc<Self>, shutdown: CancellationToken) {
+        if self.probe().await.is_ok() {
+            self.reap().await;
+            for (name, lang) in &self.languages {
+                if let Err(e) = self.ensure_image(&lang.image).await {
+                    tracing::warn!(language = %name, "{e}");
+                }
+            }
+        }
+        if self.warm_target > 0 {
+            let me = self.clone();
+            tokio::spawn(async move { me.keep_warm(shutdown).await });
+        }
+    }
+
+    /// Remove every container carrying this node's label (crash leftovers, old pool).
+    pub async fn reap(&self) -> usize {
+        let mut filters = HashMap::new();
+        filters.insert(
+            "label".to_string(),
+            vec![format!("{LABEL_NODE}={}", self.node)],
+        );
+        let opts = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let list = match self.docker.list_containers(Some(opts)).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list leftover containers");
+                return 0;
+            }
+        };
+        let mut n = 0;
+        for c in list {
+            let Some(id) = c.id else { continue };
+            let eval = c
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_EVAL).cloned())
+                .unwrap_or_default();
+            self.remove(&id).await;
+            tracing::info!(container = %id, eval_id = %eval, "removed a leftover container");
+            n += 1;
+        }
+        n
+    }
+
+    async fn ensure_image(&self, image: &str) -> Result<(), String> {
+        if self.docker.inspect_image(image).await.is_ok() {
+            return Ok(());
+        }
+        if !self.pull {
+            return Err(format!(
+                "image `{image}` is not present and docker.pull is off"
+            ));
+        }
+        tracing::info!(image, "pulling missing image");
+        let opts = CreateImageOptionsBuilder::default()
+            .from_image(image)
+            .build();
+        let mut stream = self.docker.create_image(Some(opts), None, None);
+        while let Some(item) = stream.next().await {
+            if let Err(e) = item {
+                return Err(format!(
+                    "image `{image}` is not present and cannot be pulled: {e}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn body(&self, lang: &Lang, eval: &str) -> ContainerCreateBody {
+        let mut labels = HashMap::new();
+        labels.insert(LABEL_NODE.to_string(), self.node.clone());
+        labels.insert(LABEL_EVAL.to_string(), eval.to_string());
+        let mut tmpfs = HashMap::new();
+        tmpfs.insert(
+            "/tmp".to_string(),
+            format!("rw,noexec,nosuid,nodev,size={},mode=1777", self.tmp_bytes),
+        );
+        let host = HostConfig {
+            network_mode: Some("none".into()),
+            readonly_rootfs: Some(true),
+            tmpfs: Some(tmpfs),
+            cap_drop: Some(vec!["ALL".into()]),
+            security_opt: Some(vec!["no-new-privileges".into()]),
+            pids_limit: Some(self.pids),
+            memory: Some(self.memory_bytes),
+            memory_swap: Some(self.memory_bytes),
+            nano_cpus: Some(self.nano_cpus),
+            oom_score_adj: Some(1000),
+            ipc_mode: Some("private".into()),
+            ulimits: Some(vec![
+                ResourcesUlimits {
+                    name: Some("nofile".into()),
+                    soft: Some(self.max_open_files),
+                    hard: Some(self.max_open_files),
+                },
+                ResourcesUlimits {
+                    name: Some("fsize".into()),
+                    soft: Some(self.max_file_bytes),
+                    hard: Some(self.max_file_bytes),
+                },
+                ResourcesUlimits {
+                    name: Some("core".into()),
+                    soft: Some(0),
+                    hard: Some(0),
+                },
+            ]),
+            log_config: Some(bollard::models::HostConfigLogConfig {
+                typ: Some("none".into()),
+                config: None,
+            }),
+            ..Default::default()
+        };
+        ContainerCreateBody {
+            image: Some(lang.image.clone()),
+            cmd: Some(vec!["/bin/sh".into(), "-c".into(), lang.script.clone()]),
+            env: Some(vec![
+                "PATH=/usr/local/bin:/usr/bin:/bin".into(),
+                "HOME=/tmp".into(),
+                "LANG=C.UTF-8".into(),
+            ]),
+            user: Some(self.user.clone()),
+            working_dir: Some("/tmp".into()),
+            attach_stdin: Some(true),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            open_stdin: Some(true),
+            stdin_once: Some(true),
+            tty: Some(false),
+            network_disabled: Some(true),
+            labels: Some(labels),
+            host_config: Some(host),
+            ..Default::default()
+        }
+    }
+
+    /// Create a container, retrying transient engine errors a few times.
+    async fn create(&self, lang: &Lang, eval: &str) -> Result<String, String> {
+        let mut delay = Duration::from_millis(100);
+        let mut last = String::new();
+        for attempt in 1..=self.create_attempts {
+            let name = format!("crucible-{}-{}", self.node, uuid::Uuid::new_v4().simple());
+            let opts = CreateContainerOptionsBuilder::default().name(&name).build();
+            match self
+                .docker
+                .create_container(Some(opts), self.body(lang, eval))
+                .await
+            {
+                Ok(r) => {
+                    self.stats.created.fetch_add(1, Ordering::Relaxed);
+                    return Ok(r.id);
+                }
+                Err(e) => {
+                    let text = docker_err(e);
+                    if text.contains("No such image") || text.contains("not found") {
+                        self.ensure_image(&lang.image).await?;
+                    }
+                    last = text;
+                    if attempt < self.create_attempts {
+                        self.stats.create_retries.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(delay).await;
+                        delay *= 2;
+                    }
+                }
+            }
+        }
+        Err(format!(
+            "cannot create a container from `{}`: {last}",
+            lang.image
+        ))
+    }
+
+    async fn remove(&self, id: &str) {
+        let opts = RemoveContainerOptionsBuilder::default()
+            .force(true)
+            .v(true)
+            .build();
+        if let Err(e) = self.docker.remove_container(id, Some(opts)).await {
+            if !e.to_string().contains("No such container") {
+                tracing::warn!(container = %id, error = %e, "cannot remove container");
+            }
+        }
+    }
+
+    async fn kill(&self, id: &str) {
+        let opts = KillContainerOptionsBuilder::default()
+            .signal("KILL")
+            .build();
+        let _ = self.docker.kill_container(id, Some(opts)).await;
+    }
+
+    fn take_warm(&self, language: &str) -> Option<String> {
+        let got = self
+            .warm
+            .lock()
+            .ok()
+            .and_then(|mut w| w.get_mut(language).and_then(|q| q.pop_front()));
+        self.refill.notify_one();
+        got
+    }
+
+    async fn keep_warm(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            for (name, lang) in &self.languages {
+                loop {
+                    let have = self
+                        .warm
+                        .lock()
+                        .map(|w| w.get(name).map(|q| q.len()).unwrap_or(0))
+                        .unwrap_or(self.warm_target);
+                    if have >= self.warm_target || shutdown.is_cancelled() || !self.reachable() {
+                        break;
+                    }
+                    match self.create(lang, "warm").await {
+                        Ok(id) => {
+                            if let Ok(mut w) = self.warm.lock() {
+                                w.entry(name.clone()).or_default().push_back(id);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(language = %name, error = %e, "warm pool: cannot create");
+                            break;
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = self.refill.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                    let _ = self.probe().await;
+                }
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        // Leave nothing behind.
+        let ids: Vec<String> = self
+            .warm
+            .lock()
+            .map(|mut w| w.drain().flat_map(|(_, q)| q).collect())
+            .unwrap_or_default();
+        for id in ids {
+            self.remove(&id).await;
+        }
+    }
+
+    fn reachable(&self) -> bool {
+        self.state.lock().map(|s| s.reachable).unwrap_or(false)
+    }
+
+    async fn run_lang(&self, lang: &Lang, job: &Job, cancel: CancellationToken) -> RunOutput {
+        let started = Instant::now();
+        let id = match self.take_warm(&job.language) {
+            Some(id) => {
+                self.stats.warm_hits.fetch_add(1, Ordering::Relaxed);
+                id
+            }
+            None => {
+                if self.warm_target > 0 {
+                    self.stats.warm_misses.fetch_add(1, Ordering::Relaxed);
+                }
+                match self.create(lang, &job.eval_id).await {
+                    Ok(id) => id,
+                    Err(e) => return RunOutput::executor_error(e, started.elapsed()),
+                }
+            }
+        };
+        let out = self.run_in(&id, job, cancel, started).await;
+        self.remove(&id).await;
+        out
+    }
+
+    async fn run_in(
+        &self,
+        id: &str,
+        job: &Job,
+        cancel: CancellationToken,
+        started: Instant,
+    ) -> RunOutput {
+        let attach = AttachContainerOptionsBuilder::default()
+            .stdin(true)
+            .stdout(true)
+            .stderr(true)
+            .stream(true)
+            .build();
+        let attached = match self.docker.attach_container(id, Some(attach)).await {
+            Ok(a) => a,
+            Err(e) => return RunOutput::executor_error(format!("attach: {e}"), started.elapsed()),
+        };
+        let bollard::container::AttachContainerResults { output, mut input } = attached;
+        if let Err(e) = self.docker.start_container(id, None).await {
+            return RunOutput::executor_error(format!("start: {e}"), started.elapsed());
+        }
+        let run_started = Instant::now();
+        let mut payload = format!("{}\n", job.code.len()).into_bytes();
+        payload.extend_from_slice(job.code.as_bytes());
+        if let Some(s) = &job.stdin {
+            payload.extend_from_slice(s.as_bytes());
+        }
+        let feeder = tokio::spawn(async move {
+            let _ = input.write_all(&payload).await;
+            let _ = input.shutdown().await;
+        });
+        let cap = self.max_output;
+        let reader = tokio::spawn(read_capped_stream(output, cap));
+
+        let mut wait = self.docker.wait_container(id, None);
+        let mut termination = None;
+        let mut exit_code: Option<i64> = None;
+        let deadline = job
+            .timeout
+            .saturating_sub(run_started.duration_since(started).min(job.timeout));
+        tokio::select! {
+            r = wait.next() => {
+                exit_code = Some(match r {
+                    Some(Ok(w)) => w.status_code,
+                    Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => code,
+                    Some(Err(e)) => {
+                        termination = Some(Termination::ExecutorError(format!("wait: {e}")));
+                        -1
+                    }
+                    None => -1,
+                });
+            }
+            _ = tokio::time::sleep(deadline) => termination = Some(Termination::TimedOut),
+            _ = cancel.cancelled() => termination = Some(Termination::Cancelled),
+        }
+        if termination.is_some() {
+            self.kill(id).await;
+        }
+        feeder.abort();
+        let ((stdout, stderr), truncated) =
+            match tokio::time::timeout(Duration::from_secs(5), reader).await {
+                Ok(Ok(r)) => r,
+                _ => ((Vec::new(), Vec::new()), false),
+            };
+        let duration = started.elapsed();
+        if let Some(t) = termination {
+            return RunOutput {
+                termination: t,
+                stdout,
+                stderr,
+                truncated,
+                duration,
+                memory_exceeded: false,
+            };
+        }
+        let inspect = self.docker.inspect_container(id, None).await.ok();
+        let st = inspect.and_then(|i| i.state);
+        let oom = st.as_ref().and_then(|s| s.oom_killed).unwrap_or(false);
+        let code = st
+            .as_ref()
+            .and_then(|s| s.exit_code)
+            .or(exit_code)
+            .unwrap_or(-1);
+        let termination = if (128..128 + 65).contains(&code) {
+            Termination::Signaled((code - 128) as i32)
+        } else if code < 0 {
+            Termination::ExecutorError("the container ended without an exit code".into())
+        } else {
+            Termination::Exited(code as i32)
+        };
+        RunOutput {
+            termination,
+            stdout,
+            stderr,
+            truncated,
+            duration,
+            memory_exceeded: oom,
+        }
+    }
+}
+
+impl Executor for DockerExecutor {
+    fn name(&self) -> &'static str {
+        "docker"
+    }
+
+    fn language_state(&self, language: &str) -> LanguageState {
+        if self.languages.contains_key(language) {
+            LanguageState::Available
+        } else {
+            LanguageState::Unknown
+        }
+    }
+
+    fn ready(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let fresh = self
+                .state
+                .lock()
+                .ok()
+                .and_then(|s| s.checked.map(|t| (s.reachable, t.elapsed())));
+            match fresh {
+                Some((true, age)) if age < Duration::from_millis(500) => Ok(()),
+                _ => self.probe().await,
+            }
+        })
+    }
+
+    fn run<'a>(&'a self, job: &'a Job, cancel: CancellationToken) -> BoxFuture<'a, RunOutput> {
+        Box::pin(async move {
+            match self.languages.get(&job.language) {
+                Some(lang) => self.run_lang(lang, job, cancel).await,
+                None => RunOutput::executor_error(
+                    format!("unknown language `{}`", job.language),
+                    Duration::ZERO,
+                ),
+            }
+        })
+    }
+
+    fn metrics(&self, e: &mut crate::ops::metrics::Exposition) {
+        let st = &self.stats;
+        e.counter(
+            "crucible_docker_containers_created_total",
+            "Containers created (per evaluation or for the warm pool).",
+            st.created.load(Ordering::Relaxed),
+        );
+        e.counter(
+            "crucible_docker_warm_hits_total",
+            "Evaluations that started in a warm container.",
+            st.warm_hits.load(Ordering::Relaxed),
+        );
+        e.counter(
+            "crucible_docker_warm_misses_total",
+            "Evaluations that found the warm pool empty.",
+            st.warm_misses.load(Ordering::Relaxed),
+        );
+        e.counter(
+            "crucible_docker_create_retries_total",
+            "Container creations retried after a transient engine error.",
+            st.create_retries.load(Ordering::Relaxed),
+        );
+        let warm: usize = self
+            .warm
+            .lock()
+            .map(|w| w.values().map(|q| q.len()).sum())
+            .unwrap_or(0);
+        e.gauge(
+            "crucible_docker_warm_containers",
+            "Warm containers ready.",
+            warm as f64,
+        );
+        e.flag(
+            "crucible_docker_engine_up",
+            "1 when the Docker engine answered the last check.",
+            self.reachable(),
+        );
+    }
+
+    fn health(&self) -> BoxFuture<'_, ExecutorHealth> {
+        Box::pin(async move {
+            let _ = self.ready().await;
+            let st = self.state.lock().map(|s| s.clone()).unwrap_or_default();
+            let mut languages = BTreeMap::new();
+            for (name, lang) in &self.languages {
+                languages.insert(name.clone(), format!("available (image {})", lang.image));
+            }
+            let warm: usize = self
+                .warm
+                .lock()
+                .map(|w| w.values().map(|q| q.len()).sum())
+                .unwrap_or(0);
+            ExecutorHealth {
+                backend: "docker",
+                ok: st.reachable,
+                detail: if st.reachable {
+                    format!(
+                        "engine {} reachable; warm containers: {warm}",
+                        st.version.unwrap_or_default()
+                    )
+                } else {
+                    st.last_error
+                        .unwrap_or_else(|| "engine not reached yet".into())
+                },
+                languages,
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sh_quote;
+
+    #[test]
+    fn quoting_survives_single_quotes() {
+        assert_eq!(sh_quote("a'b"), "'a'\\''b'");
+        assert_eq!(sh_quote("/tmp/main.py"), "'/tmp/main.py'");
+    }
+}

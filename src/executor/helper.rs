@@ -1,0 +1,295 @@
+//! The sandbox helper: `crucible __sandbox`, re-executed from the appliance for every
+//! run. It is a fresh single-threaded process, so forking and setting up namespaces
+//! here is safe (doing it inside the multi-threaded server would not be).
+//!
+//! Protocol: the spec arrives as JSON on fd 3; the result leaves as JSON on fd 4;
+//! stdin/stdout/stderr are passed straight through to the sandboxed program. The helper
+//! dies with its parent (PR_SET_PDEATHSIG), and the sandboxed program is PID 1 of its own
+//! PID namespace, so killing the helper kills the whole tree.
+//!
+//! Isolation (hakoniwa): new user, mount, PID, network and IPC namespaces (the hostname
+//! and cgroup paths are not secrets, and without privileges over the parent namespaces
+//! the code cannot change them; leaving them out lets the systemd unit forbid them);
+//! only `lo` (down) in the network namespace; a read-only root built from read-only binds
+//! of the host's runtime directories and a few /etc files; a private size-capped /tmp;
+//! device nodes null/zero/full/random/urandom only; rlimits on address space, CPU time,
+//! processes, file size, open files and core dumps; no_new_privs; an empty environment
+//! apart from PATH/HOME/LANG. When started as root it first drops to the configured
+//! unprivileged uid/gid, so RLIMIT_NPROC applies and nothing runs as host root.
+
+use hakoniwa::{Container, MountOptions, Namespace, Rlimit, Runctl, Stdio};
+use serde::{Deserialize, Serialize};
+use std::io::{Read, Write};
+use std::os::fd::FromRawFd;
+use std::path::{Path, PathBuf};
+
+/// Uid/gid the program sees inside the sandbox.
+pub const SANDBOX_ID: u32 = 1000;
+/// Where the code file lives inside the sandbox.
+pub const CODE_DIR: &str = "/code";
+
+/// What the helper must set up and run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Spec {
+    pub parent_pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub work_dir: PathBuf,
+    pub ro_dirs: Vec<String>,
+    pub etc_files: Vec<String>,
+    pub code_file: String,
+    pub code: String,
+    pub program: String,
+    pub args: Vec<String>,
+    pub path: String,
+    pub memory_bytes: u64,
+    pub max_processes: u64,
+    pub max_file_bytes: u64,
+    pub max_open_files: u64,
+    pub cpu_secs: u64,
+    pub tmp_bytes: u64,
+    pub backstop_secs: u64,
+}
+
+/// What happened, as the helper saw it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HelperResult {
+    /// The sandbox could not be set up; the program never ran.
+    pub setup_error: Option<String>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub reason: String,
+    /// Peak resident set size of the program, in KiB.
+    pub max_rss_kb: u64,
+    pub user_ms: u64,
+    pub sys_ms: u64,
+}
+
+/// Entry point of `crucible __sandbox`. Returns the process exit code.
+pub fn main() -> i32 {
+    // Die with the appliance, whatever happens next.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+    }
+    // SAFETY: fds 3 and 4 are set up by the parent for exactly this purpose.
+    let mut spec_in = unsafe { std::fs::File::from_raw_fd(3) };
+    let mut result_out = unsafe { std::fs::File::from_raw_fd(4) };
+    let mut buf = Vec::new();
+    if let Err(e) = spec_in.read_to_end(&mut buf) {
+        return report(
+            &mut result_out,
+            setup_error(format!("cannot read the spec: {e}")),
+        );
+    }
+    drop(spec_in);
+    let spec: Spec = match serde_json::from_slice(&buf) {
+        Ok(s) => s,
+        Err(e) => return report(&mut result_out, setup_error(format!("bad spec: {e}"))),
+    };
+    drop(buf);
+    let result = match run(&spec) {
+        Ok(r) => r,
+        Err(e) => setup_error(e),
+    };
+    report(&mut result_out, result)
+}
+
+fn setup_error(msg: String) -> HelperResult {
+    HelperResult {
+        setup_error: Some(msg),
+        ..HelperResult::default()
+    }
+}
+
+fn report(out: &mut std::fs::File, r: HelperResult) -> i32 {
+    let bytes = serde_json::to_vec(&r).unwrap_or_default();
+    let _ = out.write_all(&bytes);
+    0
+}
+
+fn drop_privileges(spec: &Spec) -> Result<(), String> {
+    // SAFETY: plain syscalls in a single-threaded process.
+    unsafe {
+        if libc::geteuid() != 0 {
+            return Ok(());
+        }
+        if libc::setgroups(0, std::ptr::null()) != 0 {
+            return Err(format!("setgroups: {}", std::io::Error::last_os_error()));
+        }
+        if libc::setgid(spec.gid) != 0 {
+            return Err(format!(
+                "setgid({}): {}",
+                spec.gid,
+                std::io::Error::last_os_error()
+            ));
+        }
+        if libc::setuid(spec.uid) != 0 {
+            return Err(format!(
+                "setuid({}): {}",
+                spec.uid,
+                std::io::Error::last_os_error()
+            ));
+        }
+        // Changing credentials clears "dumpable" (which would make /proc/self/uid_map
+        // unwritable) and the parent-death signal: restore both.
+        libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0);
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+    }
+    Ok(())
+}
+
+fn run(spec: &Spec) -> Result<HelperResult, String> {
+    // SAFETY: getppid has no preconditions.
+    if unsafe { libc::getppid() } as u32 != spec.parent_pid {
+        return Err("the appliance went away before the run started".into());
+    }
+    drop_privileges(spec)?;
+    if unsafe { libc::getppid() } as u32 != spec.parent_pid {
+        return Err("the appliance went away before the run started".into());
+    }
+    // hakoniwa creates the sandbox root as a temporary directory under TMPDIR.
+    // SAFETY (edition 2021 API): single-threaded process, nobody else reads the env.
+    std::env::set_var("TMPDIR", &spec.work_dir);
+
+    let mut c = Container::empty();
+    for ns in [
+        Namespace::Mount,
+        Namespace::User,
+        Namespace::Pid,
+        Namespace::Network,
+        Namespace::Ipc,
+    ] {
+        c.unshare(ns);
+    }
+    c.uidmap(SANDBOX_ID).gidmap(SANDBOX_ID);
+    // A read-only remount of a bind mount must keep the flags the kernel locked on the
+    // source mount (nodev, noexec, ... of the host's /etc, /usr): retry with them.
+    c.runctl(Runctl::MountFallback);
+    c.procfsmount("/proc");
+
+    for dir in &spec.ro_dirs {
+        mount_host_path(&mut c, Path::new(dir), dir)?;
+    }
+    c.dir("/etc", 0o755);
+    for f in &spec.etc_files {
+        let host = Path::new("/etc").join(f);
+        mount_host_path(&mut c, &host, &format!("/etc/{f}"))?;
+    }
+    c.file(
+        "/etc/passwd",
+        "root:x:0:0:root:/root:/usr/sbin/nologin\nsandbox:x:1000:1000:sandbox:/tmp:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+    );
+    c.file(
+        "/etc/group",
+        "root:x:0:\nsandbox:x:1000:\nnogroup:x:65534:\n",
+    );
+    c.file("/etc/hosts", "127.0.0.1 localhost\n::1 localhost\n");
+
+    for dev in ["null", "zero", "full"] {
+        let p = format!("/dev/{dev}");
+        c.bindmount_rw(&p, &p);
+    }
+    for dev in ["random", "urandom"] {
+        let p = format!("/dev/{dev}");
+        c.bindmount_ro(&p, &p);
+    }
+    c.symlink("/proc/self/fd", "/dev/fd");
+    c.symlink("/proc/self/fd/0", "/dev/stdin");
+    c.symlink("/proc/self/fd/1", "/dev/stdout");
+    c.symlink("/proc/self/fd/2", "/dev/stderr");
+
+    c.mount(
+        "tmpfs",
+        "/tmp",
+        "tmpfs",
+        MountOptions::NOSUID | MountOptions::NODEV | MountOptions::NOEXEC,
+        Some(format!("size={},nr_inodes=16384,mode=1777", spec.tmp_bytes)),
+    );
+    c.dir(CODE_DIR, 0o755);
+    c.file(&format!("{CODE_DIR}/{}", spec.code_file), &spec.code);
+
+    c.setrlimit(Rlimit::As, spec.memory_bytes, spec.memory_bytes)
+        .setrlimit(Rlimit::Nproc, spec.max_processes, spec.max_processes)
+        .setrlimit(Rlimit::Fsize, spec.max_file_bytes, spec.max_file_bytes)
+        .setrlimit(Rlimit::Nofile, spec.max_open_files, spec.max_open_files)
+        .setrlimit(Rlimit::Cpu, spec.cpu_secs, spec.cpu_secs + 1)
+        .setrlimit(Rlimit::Core, 0, 0);
+
+    let mut cmd = c.command(&spec.program);
+    cmd.args(&spec.args)
+        .env("PATH", &spec.path)
+        .env("HOME", "/tmp")
+        .env("LANG", "C.UTF-8")
+        .env("TMPDIR", "/tmp")
+        .current_dir("/tmp")
+        .wait_timeout(spec.backstop_secs)
+        .stdin(Stdio::inherit())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit());
+    let status = cmd
+        .status()
+        .map_err(|e| format!("sandbox setup failed: {e}"))?;
+
+    let mut r = HelperResult {
+        reason: status.reason.clone(),
+        ..HelperResult::default()
+    };
+    if let Some(u) = &status.rusage {
+        r.max_rss_kb = u.max_rss.max(0) as u64;
+        r.user_ms = u.user_time.as_millis() as u64;
+        r.sys_ms = u.system_time.as_millis() as u64;
+    }
+    match status.exit_code {
+        Some(code) => r.exit_code = Some(code),
+        None if status.code > 128 && status.rusage.is_some() => r.signal = Some(status.code - 128),
+        None => r.setup_error = Some(explain_setup_failure(&status.reason)),
+    }
+    Ok(r)
+}
+
+/// Bind `host` read-only at `target`, keeping symlinks as symlinks; skip missing paths.
+fn mount_host_path(c: &mut Container, host: &Path, target: &str) -> Result<(), String> {
+    let meta = match std::fs::symlink_metadata(host) {
+        Ok(m) => m,
+        Err(_) => return Ok(()),
+    };
+    if meta.file_type().is_symlink() {
+        let dest = std::fs::read_link(host)
+            .map_err(|e| format!("cannot read link {}: {e}", host.display()))?;
+        c.symlink(&dest.to_string_lossy(), target);
+    } else {
+        c.bindmount_ro(&host.to_string_lossy(), target);
+    }
+    Ok(())
+}
+
+/// Turn a low-level setup error into advice an operator can act on.
+pub fn explain_setup_failure(reason: &str) -> String {
+    let lower = reason.to_lowercase();
+    if lower.contains("uid_map") || lower.contains("unshare") {
+        format!(
+            "{reason}. The sandbox needs unprivileged user namespaces: check \
+             `sysctl kernel.unprivileged_userns_clone` (must be 1 where it exists), \
+             `sysctl user.max_user_namespaces` (must be > 0) and, on Ubuntu 23.10+, \
+             `sysctl kernel.apparmor_restrict_unprivileged_userns` (must be 0); under systemd, \
+             RestrictNamespaces= must allow user, mnt, pid, net and ipc; in a container, run \
+             it with --security-opt seccomp=unconfined"
+        )
+    } else if lower.contains("\"proc\"") || lower.contains("/proc") {
+        format!(
+            "{reason}. The sandbox mounts its own /proc, which the kernel allows only when \
+             this process sees a fully visible /proc: under systemd use ProtectKernelTunables= \
+             and ProtectKernelLogs= only together with ProcSubset=pid; in Docker add \
+             --security-opt systempaths=unconfined"
+        )
+    } else if lower.contains("mount") {
+        format!(
+            "{reason}. The sandbox could not build its read-only root; check that the \
+             directories in [sandbox] ro_dirs and etc_files exist and are readable, and that \
+             mounting is not forbidden (systemd: SystemCallFilter= must include @mount; \
+             Docker: --security-opt seccomp=unconfined)"
+        )
+    } else {
+        reason.to_string()
+    }
+}

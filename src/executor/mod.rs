@@ -1,0 +1,176 @@
+//! Executors run one evaluation's code under limits and report what happened. They are
+//! behind one trait so backends (the embedded `sandbox`, later `docker`) are
+//! interchangeable. An executor never writes state: the queue worker turns its
+//! [`RunOutput`] into a store transition.
+
+pub mod docker;
+pub mod helper;
+pub mod sandbox;
+
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio_util::sync::CancellationToken;
+
+/// A boxed future, so the trait stays object-safe.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub eval_id: String,
+    pub language: String,
+    pub code: String,
+    pub stdin: Option<String>,
+    pub timeout: Duration,
+}
+
+/// How the run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Termination {
+    /// The program exited with this code.
+    Exited(i32),
+    /// The program was killed by this signal (SIGXCPU means the CPU-time limit).
+    Signaled(i32),
+    /// The wall-clock timeout expired; the whole process tree was killed.
+    TimedOut,
+    /// The cancellation token fired; the whole process tree was killed.
+    Cancelled,
+    /// The executor could not run the program.
+    ExecutorError(String),
+}
+
+/// Everything a run produced.
+#[derive(Debug, Clone)]
+pub struct RunOutput {
+    pub termination: Termination,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    /// stdout or stderr exceeded the cap; the rest was read and dropped.
+    pub truncated: bool,
+    pub duration: Duration,
+    /// The run hit its memory allowance (backend-specific detection).
+    pub memory_exceeded: bool,
+}
+
+impl RunOutput {
+    /// A run that never started.
+    pub fn executor_error(msg: impl Into<String>, duration: Duration) -> Self {
+        RunOutput {
+            termination: Termination::ExecutorError(msg.into()),
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            truncated: false,
+            duration,
+            memory_exceeded: false,
+        }
+    }
+}
+
+/// Executor health for /health.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExecutorHealth {
+    pub backend: &'static str,
+    pub ok: bool,
+    pub detail: String,
+    /// Language -> "available" or why not.
+    pub languages: BTreeMap<String, String>,
+}
+
+/// Whether a language can run here, as the executor sees it.
+pub use crate::model::LanguageState;
+
+/// An execution backend.
+pub trait Executor: Send + Sync + 'static {
+    /// `sandbox` or `docker`.
+    fn name(&self) -> &'static str;
+    /// Whether `language` can run on this backend right now.
+    fn language_state(&self, language: &str) -> LanguageState;
+    /// Run one job; must return once the whole process tree is gone. Firing `cancel`
+    /// kills the run and yields [`Termination::Cancelled`].
+    fn run<'a>(&'a self, job: &'a Job, cancel: CancellationToken) -> BoxFuture<'a, RunOutput>;
+    /// Current health.
+    fn health(&self) -> BoxFuture<'_, ExecutorHealth>;
+    /// Whether a run could start now. The dispatcher starts nothing while this fails, so
+    /// work stays queued (not failed) while e.g. the Docker engine is down.
+    fn ready(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+    /// Backend-specific metrics for /metrics.
+    fn metrics(&self, _e: &mut crate::ops::metrics::Exposition) {}
+}
+
+/// Read a multiplexed container output stream to its end, keeping at most `cap` bytes of
+/// stdout and of stderr; returns ((stdout, stderr), truncated).
+pub async fn read_capped_stream<S, E>(mut s: S, cap: usize) -> ((Vec<u8>, Vec<u8>), bool)
+where
+    S: futures_util::Stream<Item = Result<bollard::container::LogOutput, E>> + Unpin,
+{
+    use bollard::container::LogOutput;
+    use futures_util::StreamExt;
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let mut truncated = false;
+    while let Some(item) = s.next().await {
+        let (buf, msg) = match item {
+            Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
+                (&mut out, message)
+            }
+            Ok(LogOutput::StdErr { message }) => (&mut err, message),
+            Ok(LogOutput::StdIn { .. }) => continue,
+            Err(_) => break,
+        };
+        let room = cap.saturating_sub(buf.len());
+        if msg.len() <= room {
+            buf.extend_from_slice(&msg);
+        } else {
+            buf.extend_from_slice(&msg[..room]);
+            truncated = true;
+        }
+    }
+    ((out, err), truncated)
+}
+
+/// Read a stream to its end, keeping at most `cap` bytes; returns (kept, truncated).
+/// Reading continues past the cap so the writer is never blocked by a full pipe.
+pub async fn read_capped<R: AsyncRead + Unpin>(mut r: R, cap: usize) -> (Vec<u8>, bool) {
+    let mut kept = Vec::new();
+    let mut truncated = false;
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        match r.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let room = cap.saturating_sub(kept.len());
+                if n <= room {
+                    kept.extend_from_slice(&chunk[..n]);
+                } else {
+                    kept.extend_from_slice(&chunk[..room]);
+                    truncated = true;
+                }
+            }
+        }
+    }
+    (kept, truncated)
+}
+
+/// Name of a signal number, for error messages.
+pub fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGXCPU => "SIGXCPU",
+        libc::SIGXFSZ => "SIGXFSZ",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGILL => "SIGILL",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGINT => "SIGINT",
+        libc::SIGHUP => "SIGHUP",
+        _ => "signal",
+    }
+}

@@ -1,0 +1,315 @@
+//! The API gateway: a hyper 1.x HTTP/1.1 server with the JSON API, the SSE event stream,
+//! /health, /metrics and the OpenAPI document.
+//!
+//! It validates input, asks the store and the queue to act, and shapes answers. It never
+//! writes state itself and never runs code. Bodies are capped, connections are capped by
+//! a semaphore before `accept`, and shutdown is graceful (in-flight requests finish, event
+//! streams end).
+
+mod api;
+mod error;
+mod sse;
+
+pub use crate::error::ApiError;
+
+use crate::config::Config;
+use crate::executor::Executor;
+use crate::ops::metrics::{Histogram, LabeledCounter};
+use crate::outbox::Outbox;
+use crate::queue::Queue;
+use crate::store::Store;
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// Response body type of every handler.
+pub type Body = BoxBody<Bytes, Infallible>;
+
+/// HTTP counters.
+#[derive(Debug)]
+pub struct HttpStats {
+    /// Requests by route and status code.
+    pub requests: LabeledCounter,
+    /// Request latency.
+    pub latency: Histogram,
+    /// Open SSE streams.
+    pub sse_clients: AtomicU64,
+}
+
+impl Default for HttpStats {
+    fn default() -> Self {
+        HttpStats {
+            requests: LabeledCounter::default(),
+            latency: Histogram::new(&[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0,
+            ]),
+            sse_clients: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Everything a handler can reach.
+pub struct State {
+    /// The transport-independent operations.
+    pub service: Arc<crate::service::Service>,
+    /// The PostgreSQL sync, when configured.
+    pub postgres: Option<Arc<crate::sinks::postgres::Postgres>>,
+    /// The Redis connection, when configured.
+    pub redis: Option<Arc<crate::sinks::redis::Redis>>,
+    pub cfg: Arc<Config>,
+    pub store: Arc<Store>,
+    pub queue: Arc<Queue>,
+    pub executor: Arc<dyn Executor>,
+    pub outbox: Arc<Outbox>,
+    pub started: Instant,
+    pub shutdown: CancellationToken,
+    pub stats: HttpStats,
+    /// Request-body memory budget, in KiB permits (`http.max_inflight_body_mb`).
+    pub body_budget: Arc<Semaphore>,
+}
+
+/// Serve HTTP on `listener` until `shutdown` fires; then let in-flight requests finish
+/// (up to `drain`) and return.
+pub async fn serve(state: Arc<State>, listener: TcpListener, drain: Duration) {
+    let limit = Arc::new(Semaphore::new(state.cfg.http.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let shutdown = state.shutdown.clone();
+    loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = shutdown.cancelled() => break,
+        };
+        let (stream, _peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let st = state.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let st = st.clone();
+            async move { Ok::<_, Infallible>(handle(st, req).await) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30))
+            .serve_connection(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some HTTP connections did not finish in time");
+    }
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    let t = Instant::now();
+    let (route, resp) = route(&state, req).await;
+    let mut resp = match resp {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    resp.headers_mut().insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    state
+        .stats
+        .requests
+        .add(&[route, resp.status().as_str()], 1);
+    state.stats.latency.observe(t.elapsed().as_secs_f64());
+    resp
+}
+
+type Handled = (&'static str, Result<Response<Body>, ApiError>);
+
+async fn route(state: &Arc<State>, req: Request<Incoming>) -> Handled {
+    let path = req.uri().path().to_string();
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let m = req.method().clone();
+    let get = m == Method::GET || m == Method::HEAD;
+    let post = m == Method::POST;
+    let authed = |route: &'static str| -> Option<Handled> {
+        if authorized(state, &req) {
+            None
+        } else {
+            Some((route, Err(ApiError::unauthorized())))
+        }
+    };
+    macro_rules! guarded {
+        ($route:expr, $ok:expr, $allow:expr, $body:expr) => {{
+            if !$ok {
+                return ($route, Err(ApiError::method_not_allowed($allow)));
+            }
+            if let Some(h) = authed($route) {
+                return h;
+            }
+            ($route, $body)
+        }};
+    }
+    match segs.as_slice() {
+        [""] if get => ("/", Ok(api::index(state))),
+        ["health"] if get => ("/health", Ok(api::health(state).await)),
+        ["health"] => ("/health", Err(ApiError::method_not_allowed("GET"))),
+        ["metrics"] => guarded!("/metrics", get, "GET", Ok(api::metrics(state).await)),
+        ["api", "openapi.json"] if get => ("/api/openapi.json", Ok(api::openapi())),
+        ["api", "eval"] => guarded!("/api/eval", post, "POST", api::submit(state, req).await),
+        ["api", "eval-batch"] => {
+            guarded!(
+                "/api/eval-batch",
+                post,
+                "POST",
+                api::submit_batch(state, req).await
+            )
+        }
+        ["api", "eval-status", id] => {
+            let id = id.to_string();
+            guarded!(
+                "/api/eval-status/{id}",
+                get,
+                "GET",
+                api::get_eval(state, &id)
+            )
+        }
+        ["api", "eval", id] => {
+            let id = id.to_string();
+            guarded!("/api/eval/{id}", get, "GET", api::get_eval(state, &id))
+        }
+        ["api", "eval", id, "cancel"] => {
+            let id = id.to_string();
+            guarded!(
+                "/api/eval/{id}/cancel",
+                post,
+                "POST",
+                api::cancel(state, &id).await
+            )
+        }
+        ["api", "evaluations"] => {
+            guarded!(
+                "/api/evaluations",
+                get,
+                "GET",
+                api::list(state, req.uri().query())
+            )
+        }
+        ["api", "events"] => guarded!("/api/events", get, "GET", sse::events(state, &req)),
+        ["api", "admin", "sinks"] => {
+            guarded!("/api/admin/sinks", get, "GET", Ok(api::sinks(state)))
+        }
+        ["api", "admin", "sinks", name, "replay"] => {
+            let name = name.to_string();
+            guarded!(
+                "/api/admin/sinks/{name}/replay",
+                post,
+                "POST",
+                api::replay(state, &name, req).await
+            )
+        }
+        ["api", "admin", "dead-letters"] => guarded!(
+            "/api/admin/dead-letters",
+            get,
+            "GET",
+            api::dead_letters(state, req.uri().query())
+        ),
+        ["api", "admin", "backup"] => {
+            guarded!(
+                "/api/admin/backup",
+                post,
+                "POST",
+                api::backup(state, req).await
+            )
+        }
+        ["api", "admin", "queue", action @ ("pause" | "resume")] => {
+            let action = action.to_string();
+            guarded!(
+                "/api/admin/queue",
+                post,
+                "POST",
+                Ok(api::pause_resume(state, &action))
+            )
+        }
+        _ => ("other", Err(ApiError::not_found("route"))),
+    }
+}
+
+fn authorized<B>(state: &State, req: &Request<B>) -> bool {
+    let Some(token) = state.cfg.api_token.as_deref() else {
+        return true;
+    };
+    let Some(h) = req.headers().get(http::header::AUTHORIZATION) else {
+        return false;
+    };
+    let Ok(h) = h.to_str() else { return false };
+    let given = h
+        .strip_prefix("Bearer ")
+        .or_else(|| h.strip_prefix("bearer "))
+        .unwrap_or("")
+        .trim();
+    constant_time_eq(given.as_bytes(), token.as_bytes())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() != b.len()) as u8;
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= x ^ y;
+    }
+    diff == 0
+}
+
+/// A JSON response.
+pub fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
+    let bytes = serde_json::to_vec(v).unwrap_or_default();
+    bytes_response(status, "application/json", Bytes::from(bytes))
+}
+
+/// A response with a body and content type.
+pub fn bytes_response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: Bytes,
+) -> Response<Body> {
+    let mut r = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(!constant_time_eq(b"", b"a"));
+    }
+}

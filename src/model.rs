@@ -1,0 +1,421 @@
+//! The evaluation record, its statuses and failure reasons, and the validation of a
+//! submission. Pure data: nothing here touches the store, the network or the clock
+//! except [`now`].
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Lifecycle of an evaluation: `queued -> running -> completed | failed | cancelled`.
+/// Terminal states never change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl Status {
+    /// Every status, in lifecycle order.
+    pub const ALL: [Status; 5] = [
+        Status::Queued,
+        Status::Running,
+        Status::Completed,
+        Status::Failed,
+        Status::Cancelled,
+    ];
+
+    /// Terminal statuses never change again.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Status::Completed | Status::Failed | Status::Cancelled)
+    }
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::Running => "running",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+        }
+    }
+
+    /// One byte used in store index keys.
+    pub fn code(self) -> u8 {
+        match self {
+            Status::Queued => b'q',
+            Status::Running => b'r',
+            Status::Completed => b'c',
+            Status::Failed => b'f',
+            Status::Cancelled => b'x',
+        }
+    }
+
+    /// Parse the wire name.
+    pub fn parse(s: &str) -> Option<Status> {
+        Status::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+/// Why a `failed` evaluation failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureReason {
+    /// The program ran and exited with a non-zero code (or was killed by a signal).
+    NonzeroExit,
+    /// The wall-clock timeout (or the CPU-time limit) was reached; the process tree was killed.
+    Timeout,
+    /// The program ran out of its memory allowance.
+    MemoryLimit,
+    /// The executor could not run the program (setup failure, missing interpreter, ...).
+    ExecutorError,
+    /// The appliance stopped or crashed while the evaluation was running.
+    Interrupted,
+}
+
+impl FailureReason {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureReason::NonzeroExit => "nonzero_exit",
+            FailureReason::Timeout => "timeout",
+            FailureReason::MemoryLimit => "memory_limit",
+            FailureReason::ExecutorError => "executor_error",
+            FailureReason::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// The evaluation record, as returned by the API and carried in every event's `data`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    pub eval_id: String,
+    pub status: Status,
+    pub language: String,
+    pub code: String,
+    /// Standard input given to the program, if any.
+    pub stdin: Option<String>,
+    /// Wall-clock timeout in seconds.
+    pub timeout: f64,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub completed_at: Option<String>,
+    pub runtime_ms: Option<u64>,
+    pub exit_code: Option<i32>,
+    /// `true` only for `completed`; `false` for the other terminal states; `null` before.
+    pub success: Option<bool>,
+    /// Captured stdout (capped; see `output_truncated`).
+    pub output: String,
+    pub stderr: String,
+    /// Why it failed, in words.
+    pub error: Option<String>,
+    /// stdout or stderr was longer than the cap and was cut.
+    pub output_truncated: bool,
+    pub failure_reason: Option<FailureReason>,
+    pub metadata: Option<Value>,
+    /// Rises by one with every event of this evaluation.
+    pub version: u64,
+    /// The node that accepted the evaluation.
+    pub node: String,
+    /// Seq of the `evaluation:queued` event; orders listings and pagination cursors.
+    pub created_seq: u64,
+}
+
+impl Evaluation {
+    /// A new record in `queued`, before the store assigns its version and seq.
+    pub fn queued(eval_id: String, node: String, created_at: String, new: NewEvaluation) -> Self {
+        Evaluation {
+            eval_id,
+            status: Status::Queued,
+            language: new.language,
+            code: new.code,
+            stdin: new.stdin,
+            timeout: new.timeout,
+            created_at,
+            started_at: None,
+            completed_at: None,
+            runtime_ms: None,
+            exit_code: None,
+            success: None,
+            output: String::new(),
+            stderr: String::new(),
+            error: None,
+            output_truncated: false,
+            failure_reason: None,
+            metadata: new.metadata,
+            version: 0,
+            node,
+            created_seq: 0,
+        }
+    }
+}
+
+/// A validated submission, ready for the store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvaluation {
+    pub language: String,
+    pub code: String,
+    pub stdin: Option<String>,
+    pub timeout: f64,
+    pub metadata: Option<Value>,
+}
+
+/// What validation needs to know.
+#[derive(Clone)]
+pub struct SubmitRules<'a> {
+    pub languages: &'a dyn Fn(&str) -> LanguageState,
+    pub max_code_bytes: usize,
+    pub max_stdin_bytes: usize,
+    pub max_metadata_bytes: usize,
+    pub default_timeout: f64,
+    pub max_timeout: f64,
+}
+
+/// Whether a language can be used right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LanguageState {
+    Available,
+    /// Configured, but the interpreter is missing on this host; the text says what to install.
+    Unavailable(String),
+    Unknown,
+}
+
+/// A validation failure: the field and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl FieldError {
+    fn new(field: &str, message: impl Into<String>) -> Self {
+        FieldError {
+            field: field.to_string(),
+            code: "invalid_field",
+            message: message.into(),
+        }
+    }
+
+    /// Prefix the field with its position in a batch (`evaluations[3].code`).
+    pub fn in_batch(mut self, index: usize) -> Self {
+        self.field = format!("evaluations[{index}].{}", self.field);
+        self
+    }
+}
+
+/// Validate one submission object (already parsed as JSON).
+pub fn validate_submission(
+    v: &Value,
+    rules: &SubmitRules<'_>,
+) -> Result<NewEvaluation, FieldError> {
+    let obj = v
+        .as_object()
+        .ok_or_else(|| FieldError::new("body", "the body must be a JSON object"))?;
+    let code = match obj.get("code") {
+        None | Some(Value::Null) => return Err(FieldError::new("code", "`code` is required")),
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => return Err(FieldError::new("code", "`code` must be a string")),
+    };
+    if code.trim().is_empty() {
+        return Err(FieldError::new("code", "`code` must not be empty"));
+    }
+    if code.len() > rules.max_code_bytes {
+        return Err(FieldError::new(
+            "code",
+            format!(
+                "`code` is {} bytes; the limit is {}",
+                code.len(),
+                rules.max_code_bytes
+            ),
+        ));
+    }
+    if code.contains('\0') {
+        return Err(FieldError::new(
+            "code",
+            "`code` must not contain NUL characters",
+        ));
+    }
+    let language = match obj.get("language") {
+        None | Some(Value::Null) => "python".to_string(),
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => return Err(FieldError::new("language", "`language` must be a string")),
+    };
+    match (rules.languages)(&language) {
+        LanguageState::Available => {}
+        LanguageState::Unavailable(why) => {
+            return Err(FieldError {
+                field: "language".into(),
+                code: "unsupported_language",
+                message: why,
+            })
+        }
+        LanguageState::Unknown => {
+            return Err(FieldError {
+                field: "language".into(),
+                code: "unsupported_language",
+                message: format!("unknown language `{}`", truncate_for_message(&language)),
+            })
+        }
+    }
+    let timeout = match obj.get("timeout") {
+        None | Some(Value::Null) => rules.default_timeout,
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(t) if t.is_finite() && t > 0.0 && t <= rules.max_timeout => t,
+            _ => {
+                return Err(FieldError::new(
+                    "timeout",
+                    format!(
+                        "`timeout` must be a number of seconds above 0 and at most {}",
+                        rules.max_timeout
+                    ),
+                ))
+            }
+        },
+        Some(_) => {
+            return Err(FieldError::new(
+                "timeout",
+                "`timeout` must be a number of seconds",
+            ))
+        }
+    };
+    let stdin = match obj.get("stdin") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => {
+            if s.len() > rules.max_stdin_bytes {
+                return Err(FieldError::new(
+                    "stdin",
+                    format!(
+                        "`stdin` is {} bytes; the limit is {}",
+                        s.len(),
+                        rules.max_stdin_bytes
+                    ),
+                ));
+            }
+            Some(s.clone())
+        }
+        Some(_) => return Err(FieldError::new("stdin", "`stdin` must be a string")),
+    };
+    let metadata = match obj.get("metadata") {
+        None | Some(Value::Null) => None,
+        Some(m @ Value::Object(_)) => {
+            let size = serde_json::to_vec(m).map(|b| b.len()).unwrap_or(usize::MAX);
+            if size > rules.max_metadata_bytes {
+                return Err(FieldError::new(
+                    "metadata",
+                    format!(
+                        "`metadata` is {size} bytes; the limit is {}",
+                        rules.max_metadata_bytes
+                    ),
+                ));
+            }
+            Some(m.clone())
+        }
+        Some(_) => return Err(FieldError::new("metadata", "`metadata` must be an object")),
+    };
+    Ok(NewEvaluation {
+        language,
+        code,
+        stdin,
+        timeout,
+        metadata,
+    })
+}
+
+fn truncate_for_message(s: &str) -> String {
+    let mut out: String = s.chars().take(40).collect();
+    if out.len() < s.len() {
+        out.push('…');
+    }
+    out
+}
+
+/// Current time as RFC 3339 UTC with milliseconds.
+pub fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn langs(name: &str) -> LanguageState {
+        match name {
+            "python" | "sh" => LanguageState::Available,
+            "ruby" => LanguageState::Unavailable("ruby is not installed".into()),
+            _ => LanguageState::Unknown,
+        }
+    }
+
+    fn rules() -> SubmitRules<'static> {
+        SubmitRules {
+            languages: &langs,
+            max_code_bytes: 100,
+            max_stdin_bytes: 10,
+            max_metadata_bytes: 50,
+            default_timeout: 10.0,
+            max_timeout: 60.0,
+        }
+    }
+
+    #[test]
+    fn accepts_a_minimal_submission_with_defaults() {
+        let n = validate_submission(&json!({"code": "print(1)"}), &rules()).expect("valid");
+        assert_eq!(n.language, "python");
+        assert_eq!(n.timeout, 10.0);
+        assert_eq!(n.stdin, None);
+    }
+
+    #[test]
+    fn names_the_bad_field() {
+        let cases = [
+            (json!([1]), "body"),
+            (json!({}), "code"),
+            (json!({"code": 5}), "code"),
+            (json!({"code": "  "}), "code"),
+            (json!({"code": "x".repeat(101)}), "code"),
+            (json!({"code": "a", "language": 3}), "language"),
+            (json!({"code": "a", "language": "cobol"}), "language"),
+            (json!({"code": "a", "language": "ruby"}), "language"),
+            (json!({"code": "a", "timeout": 0}), "timeout"),
+            (json!({"code": "a", "timeout": -1}), "timeout"),
+            (json!({"code": "a", "timeout": 61}), "timeout"),
+            (json!({"code": "a", "timeout": "5"}), "timeout"),
+            (json!({"code": "a", "stdin": 1}), "stdin"),
+            (json!({"code": "a", "stdin": "x".repeat(11)}), "stdin"),
+            (json!({"code": "a", "metadata": [1]}), "metadata"),
+            (
+                json!({"code": "a", "metadata": {"k": "x".repeat(60)}}),
+                "metadata",
+            ),
+        ];
+        for (body, field) in cases {
+            let e = validate_submission(&body, &rules()).expect_err(&body.to_string());
+            assert_eq!(e.field, field, "{body}");
+        }
+    }
+
+    #[test]
+    fn unknown_language_has_its_own_code() {
+        let e = validate_submission(&json!({"code": "a", "language": "cobol"}), &rules())
+            .expect_err("unknown");
+        assert_eq!(e.code, "unsupported_language");
+        let e = validate_submission(&json!({"code": "a", "language": "ruby"}), &rules())
+            .expect_err("missing");
+        assert!(e.message.contains("not installed"));
+    }
+
+    #[test]
+    fn status_names_round_trip() {
+        for s in Status::ALL {
+            assert_eq!(Status::parse(s.as_str()), Some(s));
+            assert_eq!(serde_json::to_value(s).expect("ser"), json!(s.as_str()));
+        }
+        assert!(Status::Completed.is_terminal());
+        assert!(!Status::Running.is_terminal());
+    }
+}

@@ -1,0 +1,432 @@
+//! The queue service and its worker pool.
+//!
+//! The queue itself is durable: it is the `q/` range of the store, in FIFO order of
+//! acceptance, and it survives restarts. This module dispatches from it: a dispatcher
+//! waits for a free worker slot (the concurrency cap), claims the oldest queued
+//! evaluation, and a worker moves it to `running` (durably, before any code runs), runs
+//! it on the executor, and records the terminal state.
+//!
+//! Crash policy: an evaluation that was `running` when the process died is NOT re-run
+//! (its code may have had effects, and re-running hostile code on every restart would
+//! turn a crash into a loop); it ends `failed` with `failure_reason = "interrupted"` at
+//! the next start. At a graceful shutdown running work gets `shutdown_grace_secs` to
+//! finish, then it is killed and recorded the same way.
+//!
+//! This module never writes the store except through the store's operations.
+
+use crate::executor::{signal_name, Executor, Job, RunOutput, Termination};
+use crate::model::{FailureReason, Status};
+use crate::ops::metrics::{Histogram, LabeledCounter};
+use crate::store::{Finish, Store, StoreError};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Queue and worker counters.
+#[derive(Debug)]
+pub struct QueueStats {
+    /// Terminal states recorded by workers, by status and failure reason.
+    pub finished: LabeledCounter,
+    /// Wall-clock time of executions.
+    pub run_seconds: Histogram,
+}
+
+impl Default for QueueStats {
+    fn default() -> Self {
+        QueueStats {
+            finished: LabeledCounter::default(),
+            run_seconds: Histogram::new(&[
+                0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            ]),
+        }
+    }
+}
+
+/// The dispatcher and worker pool.
+pub struct Queue {
+    store: Arc<Store>,
+    executor: Arc<dyn Executor>,
+    workers: usize,
+    memory_mb: u64,
+    paused: AtomicBool,
+    wake: Notify,
+    /// Evaluations claimed by a worker but maybe not yet `running` in the store.
+    claimed: Mutex<HashSet<String>>,
+    /// Kill switches of evaluations being executed.
+    running: Mutex<HashMap<String, CancellationToken>>,
+    tracker: TaskTracker,
+    stop_dispatch: CancellationToken,
+    pub stats: QueueStats,
+}
+
+impl Queue {
+    /// A queue over `store` running at most `workers` evaluations at once.
+    pub fn new(
+        store: Arc<Store>,
+        executor: Arc<dyn Executor>,
+        workers: usize,
+        memory_mb: u64,
+        paused: bool,
+    ) -> Arc<Queue> {
+        Arc::new(Queue {
+            store,
+            executor,
+            workers,
+            memory_mb,
+            paused: AtomicBool::new(paused),
+            wake: Notify::new(),
+            claimed: Mutex::new(HashSet::new()),
+            running: Mutex::new(HashMap::new()),
+            tracker: TaskTracker::new(),
+            stop_dispatch: CancellationToken::new(),
+            stats: QueueStats::default(),
+        })
+    }
+
+    /// Concurrency cap.
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    /// Whether dispatching is paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// Stop starting new evaluations (running ones continue).
+    pub fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+        tracing::info!("queue paused");
+    }
+
+    /// Start dispatching again.
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+        self.wake.notify_one();
+        tracing::info!("queue resumed");
+    }
+
+    /// Kill the process tree of a running evaluation. Returns whether one was running.
+    pub fn kill(&self, eval_id: &str) -> bool {
+        let token = self
+            .running
+            .lock()
+            .ok()
+            .and_then(|m| m.get(eval_id).cloned());
+        match token {
+            Some(t) => {
+                t.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Evaluations being executed right now by this process.
+    pub fn executing(&self) -> usize {
+        self.running.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Start the dispatcher.
+    pub fn start(self: &Arc<Self>) {
+        let q = self.clone();
+        self.tracker.spawn(async move { q.dispatch().await });
+    }
+
+    /// Graceful stop: no new starts; running work gets `grace` to finish, then it is
+    /// killed and recorded as `failed`/`interrupted`. Returns once every worker is done.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.stop_dispatch.cancel();
+        self.tracker.close();
+        let n = self.executing();
+        if n > 0 {
+            tracing::info!(
+                running = n,
+                grace_secs = grace.as_secs(),
+                "waiting for running evaluations"
+            );
+        }
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            let tokens: Vec<CancellationToken> = self
+                .running
+                .lock()
+                .map(|m| m.values().cloned().collect())
+                .unwrap_or_default();
+            tracing::warn!(
+                killed = tokens.len(),
+                "shutdown grace over: killing running evaluations"
+            );
+            for t in tokens {
+                t.cancel();
+            }
+            self.tracker.wait().await;
+        }
+    }
+
+    async fn dispatch(self: Arc<Self>) {
+        let slots = Arc::new(Semaphore::new(self.workers));
+        let mut head = self.store.subscribe_head();
+        loop {
+            if self.stop_dispatch.is_cancelled() {
+                break;
+            }
+            if self.is_paused() {
+                tokio::select! {
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = self.stop_dispatch.cancelled() => break,
+                }
+                continue;
+            }
+            let permit = tokio::select! {
+                p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = self.stop_dispatch.cancelled() => break,
+            };
+            if self.store.queue_depth() > 0 {
+                if let Err(e) = self.executor.ready().await {
+                    // Nothing starts while the executor cannot run it: the work stays
+                    // queued (the executor logs the outage once).
+                    tracing::debug!(error = %e, "executor not ready; work stays queued");
+                    drop(permit);
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = self.stop_dispatch.cancelled() => break,
+                    }
+                    continue;
+                }
+            }
+            let next = {
+                let claimed = self.claimed.lock().map(|c| c.clone()).unwrap_or_default();
+                self.store.next_queued(&claimed, 1)
+            };
+            match next {
+                Ok(ids) if !ids.is_empty() => {
+                    let id = ids[0].clone();
+                    if let Ok(mut c) = self.claimed.lock() {
+                        c.insert(id.clone());
+                    }
+                    let q = self.clone();
+                    self.tracker.spawn(async move {
+                        q.work(id).await;
+                        drop(permit);
+                    });
+                }
+                Ok(_) => {
+                    drop(permit);
+                    tokio::select! {
+                        _ = head.changed() => {}
+                        _ = self.wake.notified() => {}
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = self.stop_dispatch.cancelled() => break,
+                    }
+                }
+                Err(e) => {
+                    drop(permit);
+                    tracing::error!(error = %e, "cannot read the queue");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = self.stop_dispatch.cancelled() => break,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn work(&self, id: String) {
+        let token = CancellationToken::new();
+        if let Ok(mut m) = self.running.lock() {
+            m.insert(id.clone(), token.clone());
+        }
+        let started = self.store.start(&id).await;
+        if let Ok(mut c) = self.claimed.lock() {
+            c.remove(&id);
+        }
+        let rec = match started {
+            Ok(r) => r,
+            Err(e) => {
+                if let Ok(mut m) = self.running.lock() {
+                    m.remove(&id);
+                }
+                if !matches!(e, StoreError::WrongState(..) | StoreError::NotFound) {
+                    tracing::error!(eval_id = %id, error = %e, "cannot start evaluation");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                return;
+            }
+        };
+        tracing::info!(
+            eval_id = %id,
+            language = %rec.language,
+            status = "running",
+            event_type = "evaluation:started",
+            "evaluation started"
+        );
+        let job = Job {
+            eval_id: id.clone(),
+            language: rec.language.clone(),
+            code: rec.code.clone(),
+            stdin: rec.stdin.clone(),
+            timeout: Duration::from_secs_f64(rec.timeout),
+        };
+        let out = self.executor.run(&job, token).await;
+        if let Ok(mut m) = self.running.lock() {
+            m.remove(&id);
+        }
+        self.stats.run_seconds.observe(out.duration.as_secs_f64());
+        let fin = classify(out, self.memory_mb, rec.timeout);
+        let (status, reason) = (fin.status, fin.failure_reason);
+        // A finish that cannot be written now is retried: the evaluation must not stay
+        // `running` while the process lives. A user cancel already wrote `cancelled`.
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.store.finish(&id, fin.clone()).await {
+                Ok(r) => {
+                    let reason_s = reason.map(|r| r.as_str()).unwrap_or("");
+                    self.stats.finished.add(&[status.as_str(), reason_s], 1);
+                    tracing::info!(
+                        eval_id = %id,
+                        status = status.as_str(),
+                        event_type = crate::events::EventType::for_status(status).as_str(),
+                        failure_reason = reason_s,
+                        exit_code = ?r.exit_code,
+                        runtime_ms = ?r.runtime_ms,
+                        "evaluation finished"
+                    );
+                    break;
+                }
+                Err(StoreError::AlreadyTerminal(s)) => {
+                    tracing::info!(eval_id = %id, status = s, "evaluation ended elsewhere (cancelled)");
+                    break;
+                }
+                Err(StoreError::Closed)
+                | Err(StoreError::NotFound)
+                | Err(StoreError::WrongState(..)) => break,
+                Err(e) => {
+                    tracing::error!(eval_id = %id, error = %e, "cannot record the result; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        self.wake.notify_one();
+    }
+}
+
+/// Turn an executor outcome into the terminal transition.
+pub fn classify(out: RunOutput, memory_mb: u64, timeout_secs: f64) -> Finish {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let runtime_ms = Some(out.duration.as_millis() as u64);
+    let failed = |reason: FailureReason, exit_code: Option<i32>, error: String| Finish {
+        status: Status::Failed,
+        exit_code,
+        output: stdout.clone(),
+        stderr: stderr.clone(),
+        output_truncated: out.truncated,
+        failure_reason: Some(reason),
+        error: Some(error),
+        runtime_ms,
+    };
+    match &out.termination {
+        Termination::Cancelled => failed(
+            FailureReason::Interrupted,
+            None,
+            "the appliance shut down while this evaluation was running; it was killed".into(),
+        ),
+        Termination::TimedOut => failed(
+            FailureReason::Timeout,
+            None,
+            format!("wall-clock timeout of {timeout_secs} s reached; the process tree was killed"),
+        ),
+        Termination::ExecutorError(msg) => failed(FailureReason::ExecutorError, None, msg.clone()),
+        t if out.memory_exceeded => {
+            let code = match t {
+                Termination::Exited(c) => Some(*c),
+                Termination::Signaled(s) => Some(128 + s),
+                _ => None,
+            };
+            failed(
+                FailureReason::MemoryLimit,
+                code,
+                format!("memory limit of {memory_mb} MiB reached"),
+            )
+        }
+        Termination::Signaled(sig) if *sig == libc::SIGXCPU => failed(
+            FailureReason::Timeout,
+            Some(128 + sig),
+            "CPU-time limit reached".into(),
+        ),
+        Termination::Signaled(sig) => failed(
+            FailureReason::NonzeroExit,
+            Some(128 + sig),
+            format!("killed by signal {sig} ({})", signal_name(*sig)),
+        ),
+        Termination::Exited(0) => Finish {
+            status: Status::Completed,
+            exit_code: Some(0),
+            output: stdout.clone(),
+            stderr: stderr.clone(),
+            output_truncated: out.truncated,
+            failure_reason: None,
+            error: None,
+            runtime_ms,
+        },
+        Termination::Exited(code) => failed(
+            FailureReason::NonzeroExit,
+            Some(*code),
+            format!("exited with code {code}"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn out(t: Termination, mem: bool) -> RunOutput {
+        RunOutput {
+            termination: t,
+            stdout: b"o".to_vec(),
+            stderr: b"e".to_vec(),
+            truncated: false,
+            duration: Duration::from_millis(5),
+            memory_exceeded: mem,
+        }
+    }
+
+    #[test]
+    fn classification() {
+        let c = classify(out(Termination::Exited(0), false), 256, 1.0);
+        assert_eq!(c.status, Status::Completed);
+        assert_eq!(c.failure_reason, None);
+        let c = classify(out(Termination::Exited(3), false), 256, 1.0);
+        assert_eq!(
+            (c.status, c.failure_reason, c.exit_code),
+            (Status::Failed, Some(FailureReason::NonzeroExit), Some(3))
+        );
+        let c = classify(out(Termination::TimedOut, false), 256, 1.0);
+        assert_eq!(c.failure_reason, Some(FailureReason::Timeout));
+        let c = classify(out(Termination::Exited(1), true), 256, 1.0);
+        assert_eq!(c.failure_reason, Some(FailureReason::MemoryLimit));
+        let c = classify(out(Termination::Signaled(libc::SIGXCPU), false), 256, 1.0);
+        assert_eq!(c.failure_reason, Some(FailureReason::Timeout));
+        let c = classify(out(Termination::Signaled(9), false), 256, 1.0);
+        assert_eq!(
+            (c.failure_reason, c.exit_code),
+            (Some(FailureReason::NonzeroExit), Some(137))
+        );
+        let c = classify(out(Termination::ExecutorError("x".into()), false), 256, 1.0);
+        assert_eq!(c.failure_reason, Some(FailureReason::ExecutorError));
+        let c = classify(out(Termination::Cancelled, false), 256, 1.0);
+        assert_eq!(c.failure_reason, Some(FailureReason::Interrupted));
+        assert_eq!(c.output, "o");
+        assert_eq!(c.stderr, "e");
+    }
+}

@@ -1,0 +1,294 @@
+//! The operations the appliance offers, independent of transport. The HTTP gateway and
+//! the Redis request/reply responder both call these, so validation, limits, durability
+//! and error codes are the same whichever way a request arrives.
+//!
+//! This module validates and delegates; it never writes state except through the store.
+
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::executor::Executor;
+use crate::model::{
+    validate_submission, Evaluation, FieldError, NewEvaluation, Status, SubmitRules,
+};
+use crate::queue::Queue;
+use crate::store::{Store, Submitted};
+use http::StatusCode;
+use serde::Serialize;
+use serde_json::Value;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// Most evaluations in one batch.
+pub const MAX_BATCH: usize = 100;
+
+/// Largest page of a listing.
+pub const MAX_PAGE: usize = 100;
+
+/// Default page size of a listing.
+pub const DEFAULT_PAGE: usize = 20;
+
+/// The appliance's operations.
+pub struct Service {
+    pub cfg: Arc<Config>,
+    pub store: Arc<Store>,
+    pub executor: Arc<dyn Executor>,
+    pub queue: Arc<Queue>,
+    pub shutdown: CancellationToken,
+    /// Evaluations durably accepted (new ones, not idempotent repeats), all transports.
+    pub accepted: AtomicU64,
+}
+
+/// A page of evaluations, newest first.
+#[derive(Debug, Serialize)]
+pub struct Page {
+    pub evaluations: Vec<Evaluation>,
+    /// Pass as `cursor` to get the next page; `null` on the last one.
+    pub next_cursor: Option<String>,
+}
+
+/// What to list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListQuery {
+    pub status: Option<Status>,
+    pub limit: usize,
+    /// The `next_cursor` of the previous page (an eval_id).
+    pub after: Option<String>,
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> ApiError {
+    ApiError::field(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_field",
+        field,
+        message,
+    )
+}
+
+impl ListQuery {
+    /// Parse the textual form (HTTP query parameters; Redis payload fields as text).
+    /// Empty strings count as absent.
+    pub fn parse(
+        status: Option<&str>,
+        limit: Option<&str>,
+        cursor: Option<&str>,
+    ) -> Result<ListQuery, ApiError> {
+        let status = match status {
+            None | Some("") => None,
+            Some(s) => Some(Status::parse(s).ok_or_else(|| {
+                invalid(
+                    "status",
+                    "`status` must be one of queued, running, completed, failed, cancelled",
+                )
+            })?),
+        };
+        let limit = match limit {
+            None => DEFAULT_PAGE,
+            Some(s) => match s.parse::<usize>() {
+                Ok(n) if (1..=MAX_PAGE).contains(&n) => n,
+                _ => {
+                    return Err(invalid(
+                        "limit",
+                        format!("`limit` must be an integer from 1 to {MAX_PAGE}"),
+                    ))
+                }
+            },
+        };
+        let after = match cursor {
+            None | Some("") => None,
+            Some(c) => {
+                let ok = c.len() <= 64
+                    && c.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                if !ok {
+                    return Err(invalid(
+                        "cursor",
+                        "`cursor` must be a value returned as `next_cursor`",
+                    ));
+                }
+                Some(c.to_string())
+            }
+        };
+        Ok(ListQuery {
+            status,
+            limit,
+            after,
+        })
+    }
+}
+
+/// Check an idempotency key: 1 to 255 visible ASCII characters. `field` names it in the
+/// error (`Idempotency-Key` over HTTP, `idempotency_key` over Redis).
+pub fn check_idempotency_key(key: &str, field: &str) -> Result<String, ApiError> {
+    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return Err(invalid(
+            field,
+            format!("{field} must be 1 to 255 visible ASCII characters"),
+        ));
+    }
+    Ok(key.to_string())
+}
+
+impl Service {
+    /// Validate one submission object.
+    pub fn validate(&self, v: &Value) -> Result<NewEvaluation, FieldError> {
+        let ex = self.executor.clone();
+        let langs = move |name: &str| ex.language_state(name);
+        let l = &self.cfg.limits;
+        let rules = SubmitRules {
+            languages: &langs,
+            max_code_bytes: l.max_code_bytes,
+            max_stdin_bytes: l.max_stdin_bytes,
+            max_metadata_bytes: l.max_metadata_bytes,
+            default_timeout: l.default_timeout_secs,
+            max_timeout: l.max_timeout_secs,
+        };
+        validate_submission(v, &rules)
+    }
+
+    fn check_accepting(&self) -> Result<(), ApiError> {
+        if self.shutdown.is_cancelled() {
+            let mut e = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "the appliance is shutting down",
+            );
+            e.retry_after = Some(5);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Durably accept one evaluation (returns after the flush).
+    pub async fn submit(&self, v: &Value, idem_key: Option<String>) -> Result<Submitted, ApiError> {
+        let new = self.validate(v)?;
+        self.check_accepting()?;
+        let mut res = self
+            .store
+            .submit(vec![new], idem_key, self.cfg.max_queued as u64)
+            .await?;
+        let s = res
+            .pop()
+            .ok_or_else(|| ApiError::internal("the store accepted nothing"))?;
+        if !s.existing {
+            self.accepted.fetch_add(1, Ordering::Relaxed);
+            // debug: at thousands of submissions per second an info line each would cost
+            // more than the submission; "started" and "finished" are info.
+            tracing::debug!(
+                eval_id = %s.eval_id,
+                status = "queued",
+                event_type = "evaluation:queued",
+                "evaluation accepted"
+            );
+        }
+        Ok(s)
+    }
+
+    /// Durably accept up to [`MAX_BATCH`] evaluations, all or nothing.
+    pub async fn submit_batch(&self, v: &Value) -> Result<Vec<Submitted>, ApiError> {
+        let list = match v.get("evaluations") {
+            Some(Value::Array(a)) => a,
+            Some(_) => return Err(invalid("evaluations", "`evaluations` must be an array")),
+            None => return Err(invalid("evaluations", "`evaluations` is required")),
+        };
+        if list.is_empty() {
+            return Err(invalid("evaluations", "`evaluations` must not be empty"));
+        }
+        if list.len() > MAX_BATCH {
+            return Err(ApiError::field(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "batch_too_large",
+                "evaluations",
+                format!(
+                    "at most {MAX_BATCH} evaluations per batch; got {}",
+                    list.len()
+                ),
+            ));
+        }
+        let mut news = Vec::with_capacity(list.len());
+        for (i, item) in list.iter().enumerate() {
+            news.push(
+                self.validate(item)
+                    .map_err(|e| ApiError::from(e.in_batch(i)))?,
+            );
+        }
+        self.check_accepting()?;
+        let n = news.len() as u64;
+        let res = self
+            .store
+            .submit(news, None, self.cfg.max_queued as u64)
+            .await?;
+        self.accepted.fetch_add(n, Ordering::Relaxed);
+        Ok(res)
+    }
+
+    /// One evaluation.
+    pub fn get(&self, id: &str) -> Result<Evaluation, ApiError> {
+        self.store
+            .get(id)?
+            .ok_or_else(|| ApiError::not_found("evaluation"))
+    }
+
+    /// A page of evaluations, newest first.
+    pub fn list(&self, q: &ListQuery) -> Result<Page, ApiError> {
+        let (evaluations, next_cursor) = self
+            .store
+            .list(q.status, q.limit, q.after.as_deref())
+            .map_err(|e| match e {
+                crate::store::StoreError::NotFound => invalid(
+                    "cursor",
+                    "`cursor` must be a value returned as `next_cursor`",
+                ),
+                other => other.into(),
+            })?;
+        Ok(Page {
+            evaluations,
+            next_cursor,
+        })
+    }
+
+    /// Cancel a queued evaluation or kill a running one; the record is `cancelled` on
+    /// disk before this returns.
+    pub async fn cancel(&self, id: &str) -> Result<Evaluation, ApiError> {
+        let (rec, prev) = self.store.cancel(id).await?;
+        if prev == Status::Running {
+            self.queue.kill(id);
+        }
+        tracing::info!(eval_id = %id, status = "cancelled", previous = prev.as_str(), "evaluation cancelled");
+        Ok(rec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_query_parsing() {
+        let q = ListQuery::parse(Some("failed"), Some("5"), Some("01a2-ab")).expect("valid");
+        assert_eq!(
+            q,
+            ListQuery {
+                status: Some(Status::Failed),
+                limit: 5,
+                after: Some("01a2-ab".into())
+            }
+        );
+        let d = ListQuery::parse(None, None, Some("")).expect("defaults");
+        assert_eq!((d.status, d.limit, d.after), (None, DEFAULT_PAGE, None));
+        for (s, l, c, field) in [
+            (Some("done"), None, None, "status"),
+            (None, Some("0"), None, "limit"),
+            (None, Some("101"), None, "limit"),
+            (None, Some("x"), None, "limit"),
+            (None, None, Some("a b"), "cursor"),
+            (None, None, Some(&"x".repeat(65)), "cursor"),
+        ] {
+            let e = ListQuery::parse(s, l, c).expect_err(field);
+            assert_eq!(e.field.as_deref(), Some(field));
+        }
+        assert!(check_idempotency_key("abc-1", "k").is_ok());
+        assert!(check_idempotency_key("has space", "k").is_err());
+        assert!(check_idempotency_key(&"x".repeat(256), "k").is_err());
+    }
+}

@@ -1,0 +1,758 @@
+//! The store: the one place that writes state.
+//!
+//! A single writer thread owns every change. Callers send it an operation and wait for
+//! the answer; the writer drains whatever is pending, applies it as ONE atomic sled
+//! batch (records, events with freshly assigned seqs, queue, indexes, cursors), flushes
+//! once, and only then answers every waiter in that batch (group commit). So a caller
+//! that hears `Ok` knows its change and its event are on disk, and there is never a
+//! record without its event or the other way round.
+//!
+//! Reads go straight to sled from any task. Readers of the event log (relays, the SSE
+//! stream) read only up to [`Store::head`], the last seq covered by a finished flush,
+//! so nothing that could still be lost in a crash ever leaves the process.
+//!
+//! This module must never call the network, run code, or hold a lock across a flush
+//! that an HTTP handler could wait on other than through the writer's reply.
+
+mod keys;
+mod writer;
+
+use crate::events::Event;
+use crate::model::{Evaluation, FailureReason, NewEvaluation, Status};
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use writer::WriterStats;
+
+/// Bytes one read of records or events returns at most (beyond its first item), so a page
+/// of large records or a relay batch never balloons memory on a small machine.
+pub const READ_BUDGET: usize = 4 * 1024 * 1024;
+
+/// Errors of store operations. Each maps to one stable API error code.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("evaluation not found")]
+    NotFound,
+    #[error("the queue is full ({depth} of {max} queued)")]
+    QueueFull { depth: u64, max: u64 },
+    #[error("the evaluation is already {0}")]
+    AlreadyTerminal(&'static str),
+    #[error("the evaluation is {0}, not {1}")]
+    WrongState(&'static str, &'static str),
+    #[error("seq {from} is outside the replay window (oldest retained event is {oldest}, head is {head})")]
+    ReplayOutOfWindow { from: u64, oldest: u64, head: u64 },
+    #[error("the store is shut down")]
+    Closed,
+    #[error("storage error: {0}")]
+    Storage(String),
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Storage(e.to_string())
+    }
+}
+
+/// How the writer ends a running evaluation.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    pub status: Status,
+    pub exit_code: Option<i32>,
+    pub output: String,
+    pub stderr: String,
+    pub output_truncated: bool,
+    pub failure_reason: Option<FailureReason>,
+    pub error: Option<String>,
+    pub runtime_ms: Option<u64>,
+}
+
+/// Result of a submission: the id and the status it has now (`queued` for a new one; the
+/// current status when an idempotency key matched an earlier submission).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Submitted {
+    pub eval_id: String,
+    pub status: Status,
+    /// `true` when an idempotency key matched an existing evaluation.
+    #[serde(skip)]
+    pub existing: bool,
+}
+
+/// A poison event parked for a sink.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub sink: String,
+    pub seq: u64,
+    pub event_id: String,
+    pub eval_id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub error: String,
+    pub attempts: u32,
+    pub dead_at: String,
+    pub event: Event,
+}
+
+/// Outcome of one pruning round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pruned {
+    pub removed: u64,
+    /// Lowest seq still in the log (head + 1 when the log is empty).
+    pub oldest: u64,
+}
+
+/// Options for [`Store::open`].
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub path: PathBuf,
+    pub cache_bytes: u64,
+    pub flush_window: Duration,
+    pub max_batch: usize,
+    pub node_id: Option<String>,
+}
+
+pub(crate) enum Op {
+    Submit {
+        evals: Vec<NewEvaluation>,
+        idem_key: Option<String>,
+        max_queued: u64,
+    },
+    Start {
+        eval_id: String,
+    },
+    Finish {
+        eval_id: String,
+        fin: Box<Finish>,
+    },
+    Cancel {
+        eval_id: String,
+    },
+    InterruptRunning,
+    SetCursor {
+        sink: String,
+        seq: u64,
+    },
+    Confirm {
+        sink: String,
+        seq: u64,
+        confirmations: Vec<crate::outbox::Confirmation>,
+    },
+    DeadLetter {
+        sink: String,
+        event: Box<Event>,
+        error: String,
+        attempts: u32,
+    },
+    Prune {
+        sinks: Vec<String>,
+        older_than: String,
+        max: usize,
+    },
+    Replay {
+        sink: String,
+        from_seq: u64,
+    },
+    /// Liveness check of the writer (the systemd watchdog).
+    Ping,
+    /// Copy the flushed store to a directory while no write can happen.
+    Backup {
+        dest: PathBuf,
+    },
+    Shutdown,
+}
+
+/// What a backup wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupInfo {
+    pub path: PathBuf,
+    pub head_seq: u64,
+    pub bytes: u64,
+    pub node: String,
+    pub created_at: String,
+}
+
+pub(crate) enum OpOk {
+    Backup(BackupInfo),
+    Submitted(Vec<Submitted>),
+    Record(Box<Evaluation>),
+    Cancelled(Box<Evaluation>, Status),
+    Count(u64),
+    Cursor(u64),
+    Pruned(Pruned),
+    Unit,
+}
+
+pub(crate) struct Command {
+    pub op: Op,
+    pub reply: oneshot::Sender<Result<OpOk, StoreError>>,
+}
+
+/// Live counters shared between the writer and readers.
+#[derive(Debug, Default)]
+pub struct Shared {
+    /// Last seq covered by a completed flush.
+    pub head: AtomicU64,
+    pub queue_depth: AtomicU64,
+    pub running: AtomicU64,
+    pub healthy: AtomicBool,
+    pub last_error: Mutex<Option<String>>,
+    pub stats: WriterStats,
+}
+
+/// Handle to the store. Cheap to share behind an `Arc`.
+pub struct Store {
+    db: sled::Db,
+    tree: sled::Tree,
+    tx: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+    head_rx: watch::Receiver<u64>,
+    node: String,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Store {
+    /// Open (or create) the store, recover counters, and start the writer thread.
+    pub fn open(opts: StoreOptions) -> Result<Arc<Store>, StoreError> {
+        std::fs::create_dir_all(&opts.path).map_err(|e| {
+            StoreError::Storage(format!("cannot create {}: {e}", opts.path.display()))
+        })?;
+        let db = sled::Config::new()
+            .path(&opts.path)
+            .cache_capacity(opts.cache_bytes)
+            .mode(sled::Mode::HighThroughput)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| {
+                if e.to_string().contains("could not acquire lock") {
+                    StoreError::Storage(format!(
+                        "{} is in use by another crucible process (its lock is held); \
+                         stop that process or use another --data-dir",
+                        opts.path.display()
+                    ))
+                } else {
+                    StoreError::Storage(format!(
+                        "cannot open the store at {}: {e}",
+                        opts.path.display()
+                    ))
+                }
+            })?;
+        let tree = db.open_tree("crucible")?;
+
+        match tree.get(keys::META_SCHEMA)? {
+            Some(v) => {
+                let found = keys::tail_u64(&v).unwrap_or(0);
+                if found > keys::SCHEMA_VERSION {
+                    return Err(StoreError::Storage(format!(
+                        "the store was written by a newer crucible (layout {found}, this build reads {}); \
+                         restore a backup or upgrade",
+                        keys::SCHEMA_VERSION
+                    )));
+                }
+            }
+            None => {
+                tree.insert(keys::META_SCHEMA, &keys::SCHEMA_VERSION.to_be_bytes())?;
+            }
+        }
+
+        let stored_node = tree
+            .get(keys::META_NODE)?
+            .map(|v| String::from_utf8_lossy(&v).to_string());
+        let node = match (&opts.node_id, stored_node) {
+            (Some(cfg), _) => cfg.clone(),
+            (None, Some(stored)) => stored,
+            (None, None) => {
+                let id = uuid::Uuid::new_v4().simple().to_string();
+                format!("node-{}", &id[..12])
+            }
+        };
+        tree.insert(keys::META_NODE, node.as_bytes())?;
+
+        let counts = recount(&tree)?;
+        db.flush()?;
+
+        let shared = Arc::new(Shared::default());
+        shared.head.store(counts.head, Ordering::SeqCst);
+        shared.queue_depth.store(counts.queued, Ordering::SeqCst);
+        shared.running.store(counts.running, Ordering::SeqCst);
+        shared.healthy.store(true, Ordering::SeqCst);
+
+        let (tx, rx) = mpsc::channel(8192);
+        let (head_tx, head_rx) = watch::channel(counts.head);
+        let w = writer::Writer {
+            db: db.clone(),
+            tree: tree.clone(),
+            node: node.clone(),
+            shared: shared.clone(),
+            head_tx,
+            window: opts.flush_window,
+            max_batch: opts.max_batch,
+            last_seq: counts.head,
+            path: opts.path.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || {
+                // The writer is the only path to durable state: if it dies, answering
+                // anything would be a lie. Abort and let the supervisor restart us; the
+                // store on disk is consistent at every batch boundary.
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.run(rx)));
+                if r.is_err() {
+                    eprintln!("crucible: the store writer panicked; aborting");
+                    std::process::abort();
+                }
+            })
+            .map_err(|e| StoreError::Storage(format!("cannot start the writer thread: {e}")))?;
+
+        Ok(Arc::new(Store {
+            db,
+            tree,
+            tx,
+            shared,
+            head_rx,
+            node,
+            writer: Mutex::new(Some(handle)),
+        }))
+    }
+
+    async fn call(&self, op: Op) -> Result<OpOk, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command { op, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// This node's id (in every event's `node`).
+    pub fn node_id(&self) -> &str {
+        &self.node
+    }
+
+    /// Durably accept evaluations: records, events and queue entries in one batch,
+    /// flushed before this returns. All or nothing: a full queue rejects the whole set.
+    pub async fn submit(
+        &self,
+        evals: Vec<NewEvaluation>,
+        idem_key: Option<String>,
+        max_queued: u64,
+    ) -> Result<Vec<Submitted>, StoreError> {
+        match self
+            .call(Op::Submit {
+                evals,
+                idem_key,
+                max_queued,
+            })
+            .await?
+        {
+            OpOk::Submitted(s) => Ok(s),
+            _ => Err(StoreError::Storage("unexpected writer reply".into())),
+        }
+    }
+
+    /// `queued -> running`, durably. Fails with `WrongState` if it is no longer queued.
+    pub async fn start(&self, eval_id: &str) -> Result<Evaluation, StoreError> {
+        self.record_op(Op::Start {
+            eval_id: eval_id.to_string(),
+        })
+        .await
+    }
+
+    /// `running -> completed | failed | cancelled`, durably.
+    pub async fn finish(&self, eval_id: &str, fin: Finish) -> Result<Evaluation, StoreError> {
+        self.record_op(Op::Finish {
+            eval_id: eval_id.to_string(),
+            fin: Box::new(fin),
+        })
+        .await
+    }
+
+    async fn record_op(&self, op: Op) -> Result<Evaluation, StoreError> {
+        match self.call(op).await? {
+            OpOk::Record(r) => Ok(*r),
+            _ => Err(StoreError::Storage("unexpected writer reply".into())),
+        }
+    }
+
+    /// Cancel a queued or running evaluation, durably. Returns the record and the status
+    /// it had before (so the caller knows whether a process must be killed).
+    pub async fn cancel(&self, eval_id: &str) -> Result<(Evaluation, Status), StoreError> {
+        match self
+            .call(Op::Cancel {
+                eval_id: eval_id.to_string(),
+            })
+            .await?
+        {
+            OpOk::Cancelled(r, prev) => Ok((*r, prev)),
+            _ => Err(StoreError::Storage("unexpected writer reply".into())),
+        }
+    }
+
+    /// Mark every `running` evaluation `failed` with `failure_reason = interrupted`
+    /// (crash recovery at start-up). Returns how many.
+    pub async fn interrupt_running(&self) -> Result<u64, StoreError> {
+        match self.call(Op::InterruptRunning).await? {
+            OpOk::Count(n) => Ok(n),
+            _ => Err(StoreError::Storage("unexpected writer reply".into())),
+        }
+    }
+
+    /// Save a sink's cursor (the last seq it has durably delivered).
+    pub async fn set_cursor(&self, sink: &str, seq: u64) -> Result<(), StoreError> {
+        self.call(Op::SetCursor {
+            sink: sink.to_string(),
+            seq,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Save a sink's cursor and append the confirmation events it produced, atomically:
+    /// either both are on disk or neither (then the batch is redelivered and confirmed
+    /// again).
+    pub async fn confirm(
+        &self,
+        sink: &str,
+        seq: u64,
+        confirmations: Vec<crate::outbox::Confirmation>,
+    ) -> Result<(), StoreError> {
+        self.call(Op::Confirm {
+            sink: sink.to_string(),
+            seq,
+            confirmations,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Park a poison event for `sink` and move its cursor past it, atomically.
+    pub async fn dead_letter(
+        &self,
+        sink: &str,
+        event: Event,
+        error: String,
+        attempts: u32,
+    ) -> Result<(), StoreError> {
+        self.call(Op::DeadLetter {
+            sink: sink.to_string(),
+            event: Box::new(event),
+            error,
+            attempts,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Remove up to `max` events that every listed sink has delivered and that are older
+    /// than `older_than` (RFC 3339). With no sinks, only age counts.
+    pub async fn prune(
+        &self,
+        sinks: Vec<String>,
+        older_than: String,
+        max: usize,
+    ) -> Result<Pruned, StoreError> {
+        match self
+            .call(Op::Prune {
+                sinks,
+                older_than,
+                max,
+            })
+            .await?
+        {
+            OpOk::Pruned(p) => Ok(p),
+            _ => Err(StoreError::Storage("unexpected writer reply".into())),
+        }
+    }
+
+    /// Move `sink`'s cursor back so delivery restarts at `from_seq` (within the window).
+    pub async fn replay(&self, sink: &str, from_seq: u64) -> Result<u64, StoreError> {
+        match self
+            .call(Op::Replay {
+                sink: sink.to_string(),
+                from_seq,
+            })
+            .await?
+        {
+            OpOk::Cursor(c) => Ok(c),
+            _ => Err(StoreError::Storage("unexpected writer reply".into())),
+        }
+    }
+
+    /// Round trip through the writer thread (proves it is alive and not stuck on disk).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.call(Op::Ping).await.map(|_| ())
+    }
+
+    /// Write a consistent copy of the store to `dest/store` (plus `dest/backup.json`).
+    /// Runs in the writer thread after everything before it is flushed, so no write can
+    /// happen during the copy: writes wait for it instead. `dest` must be absolute and
+    /// missing or empty.
+    pub async fn backup(&self, dest: PathBuf) -> Result<BackupInfo, StoreError> {
+        match self.call(Op::Backup { dest }).await? {
+            OpOk::Backup(info) => Ok(info),
+            _ => Err(StoreError::Storage("unexpected writer reply".into())),
+        }
+    }
+
+    /// Stop the writer after everything already sent is applied and flushed.
+    pub async fn close(&self) {
+        let _ = self.call(Op::Shutdown).await;
+        let handle = self.writer.lock().ok().and_then(|mut h| h.take());
+        if let Some(h) = handle {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+        let _ = self.db.flush();
+    }
+
+    // ---- reads -------------------------------------------------------------------
+
+    /// One evaluation by id.
+    pub fn get(&self, eval_id: &str) -> Result<Option<Evaluation>, StoreError> {
+        match self.tree.get(keys::eval(eval_id))? {
+            Some(v) => Ok(Some(decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Newest first: at most `limit` records and about [`READ_BUDGET`] bytes, continuing
+    /// after the evaluation `after` (the last one of the previous page). Returns the page
+    /// and the cursor for the next one (`None` on the last page).
+    ///
+    /// Without a status filter the record keys themselves are scanned: eval_ids are
+    /// UUIDv7, assigned in order by the single writer, so key order is creation order and
+    /// an evaluation changing status during paging is neither skipped nor repeated. With
+    /// a filter the status index is scanned (an evaluation that leaves the status while
+    /// paging simply no longer belongs to the list). `NotFound` if `after` is unknown.
+    pub fn list(
+        &self,
+        status: Option<Status>,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<(Vec<Evaluation>, Option<String>), StoreError> {
+        let mut out: Vec<Evaluation> = Vec::with_capacity(limit.min(256));
+        let mut more = false;
+        let mut bytes = 0usize;
+        let mut take = |raw: &[u8], out: &mut Vec<Evaluation>| -> Result<bool, StoreError> {
+            if out.len() == limit || (!out.is_empty() && bytes + raw.len() > READ_BUDGET) {
+                return Ok(false);
+            }
+            bytes += raw.len();
+            out.push(decode(raw)?);
+            Ok(true)
+        };
+        match status {
+            None => {
+                let hi = match after {
+                    Some(id) if !self.tree.contains_key(keys::eval(id))? => {
+                        return Err(StoreError::NotFound)
+                    }
+                    Some(id) => keys::eval(id),
+                    None => {
+                        let mut k = keys::EVAL.to_vec();
+                        k.push(0xff);
+                        k
+                    }
+                };
+                for item in self.tree.range(keys::EVAL.to_vec()..hi).rev() {
+                    let (_, raw) = item?;
+                    if !take(&raw, &mut out)? {
+                        more = true;
+                        break;
+                    }
+                }
+            }
+            Some(st) => {
+                let below = match after {
+                    Some(id) => self.get(id)?.ok_or(StoreError::NotFound)?.created_seq,
+                    None => u64::MAX,
+                };
+                let lo = keys::status(st.code(), 0);
+                let hi = keys::status(st.code(), below);
+                for item in self.tree.range(lo..hi).rev() {
+                    let (_, id) = item?;
+                    let Some(raw) = self.tree.get(keys::eval(&String::from_utf8_lossy(&id)))?
+                    else {
+                        continue;
+                    };
+                    if !take(&raw, &mut out)? {
+                        more = true;
+                        break;
+                    }
+                }
+            }
+        }
+        let next = if more {
+            out.last().map(|r| r.eval_id.clone())
+        } else {
+            None
+        };
+        Ok((out, next))
+    }
+
+    /// Events with `after < seq <= upto`, at most `max` and about [`READ_BUDGET`] bytes
+    /// (always at least one), in seq order.
+    pub fn events(&self, after: u64, upto: u64, max: usize) -> Result<Vec<Event>, StoreError> {
+        if upto <= after {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for item in self
+            .tree
+            .range(keys::log(after.saturating_add(1))..=keys::log(upto))
+            .take(max)
+        {
+            let (_, v) = item?;
+            if !out.is_empty() && bytes + v.len() > READ_BUDGET {
+                break;
+            }
+            bytes += v.len();
+            out.push(decode_event(&v)?);
+        }
+        Ok(out)
+    }
+
+    /// The event at `seq`, if still retained.
+    pub fn event(&self, seq: u64) -> Result<Option<Event>, StoreError> {
+        match self.tree.get(keys::log(seq))? {
+            Some(v) => Ok(Some(decode_event(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Lowest retained seq (head + 1 when the log is empty).
+    pub fn oldest_seq(&self) -> Result<u64, StoreError> {
+        match self.tree.scan_prefix(keys::LOG).next().transpose()? {
+            Some((k, _)) => Ok(keys::tail_u64(&k).unwrap_or(0)),
+            None => Ok(self.head() + 1),
+        }
+    }
+
+    /// A sink's saved cursor, if it has one.
+    pub fn cursor(&self, sink: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .tree
+            .get(keys::cursor(sink))?
+            .and_then(|v| keys::tail_u64(&v)))
+    }
+
+    /// Queued evaluation ids in FIFO order, skipping `claimed`, at most `max`.
+    pub fn next_queued(
+        &self,
+        claimed: &HashSet<String>,
+        max: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .tree
+            .scan_prefix(keys::status_prefix(Status::Queued.code()))
+        {
+            let (_, id) = item?;
+            let id = String::from_utf8_lossy(&id).to_string();
+            if !claimed.contains(&id) {
+                out.push(id);
+                if out.len() >= max {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Dead letters of one sink (or all), oldest first.
+    pub fn dead_letters(
+        &self,
+        sink: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let prefix = match sink {
+            Some(s) => keys::dead_prefix(s),
+            None => keys::DEAD.to_vec(),
+        };
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(prefix).take(limit) {
+            let (_, v) = item?;
+            out.push(decode(&v)?);
+        }
+        Ok(out)
+    }
+
+    /// Number of dead letters of a sink.
+    pub fn dead_letter_count(&self, sink: &str) -> u64 {
+        self.tree.scan_prefix(keys::dead_prefix(sink)).count() as u64
+    }
+
+    /// Last seq covered by a completed flush.
+    pub fn head(&self) -> u64 {
+        self.shared.head.load(Ordering::SeqCst)
+    }
+
+    /// Watch the durable head (changes after every flush that added events).
+    pub fn subscribe_head(&self) -> watch::Receiver<u64> {
+        self.head_rx.clone()
+    }
+
+    /// Evaluations waiting in the queue.
+    pub fn queue_depth(&self) -> u64 {
+        self.shared.queue_depth.load(Ordering::SeqCst)
+    }
+
+    /// Evaluations in `running`.
+    pub fn running_count(&self) -> u64 {
+        self.shared.running.load(Ordering::SeqCst)
+    }
+
+    /// Counters, health and the last write error.
+    pub fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    /// Bytes the store occupies on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+/// Counters derived from the tree: the last seq ever assigned and how many evaluations
+/// are queued and running.
+struct Counts {
+    head: u64,
+    queued: u64,
+    running: u64,
+}
+
+/// Recompute [`Counts`] from the tree (at open, and after a failed batch). The head is
+/// the larger of the stored `m/head` and the last event key, so seqs are never reused
+/// even after every event was pruned.
+fn recount(tree: &sled::Tree) -> Result<Counts, StoreError> {
+    let mut head = tree
+        .get(keys::META_HEAD)?
+        .and_then(|v| keys::tail_u64(&v))
+        .unwrap_or(0);
+    if let Some((k, _)) = tree.scan_prefix(keys::LOG).next_back().transpose()? {
+        head = head.max(keys::tail_u64(&k).unwrap_or(0));
+    }
+    let count = |s: Status| tree.scan_prefix(keys::status_prefix(s.code())).count() as u64;
+    Ok(Counts {
+        head,
+        queued: count(Status::Queued),
+        running: count(Status::Running),
+    })
+}
+
+/// An event from the log, keeping its stored JSON for sinks that forward it as is.
+fn decode_event(bytes: &[u8]) -> Result<Event, StoreError> {
+    let mut e: Event = decode(bytes)?;
+    e.raw = std::str::from_utf8(bytes).ok().map(Arc::from);
+    Ok(e)
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Storage(format!("corrupt entry: {e}")))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,14 @@
+//! Integration tests: the real `crucible` binary over HTTP, one module per area, linked
+//! into one test binary. Each test starts its own server on a loopback port with its own
+//! data directory (see `common`).
+
+mod api;
+mod bad_input;
+mod cli;
+mod common;
+mod crash;
+mod hostile;
+mod ops;
+mod postgres;
+mod redis_rr;
+mod redis_sink;

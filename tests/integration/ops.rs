@@ -1,0 +1,174 @@
+//! Operations: systemd notifications and watchdog, structured log fields, live backups.
+
+use crate::common::{Server, DEADLINE};
+use serde_json::{json, Value};
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
+
+fn recv_until(sock: &UnixDatagram, want: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    let started = Instant::now();
+    let mut buf = [0u8; 512];
+    while started.elapsed() < DEADLINE {
+        if let Ok(n) = sock.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let done = msg.contains(want);
+            seen.push(msg);
+            if done {
+                return seen;
+            }
+        }
+    }
+    panic!("no {want} notification; got {seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_ready_watchdog_and_stopping() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("notify");
+    let sock = UnixDatagram::bind(&path).expect("bind");
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let mut s = Server::start_with(
+        "",
+        &[
+            ("NOTIFY_SOCKET", path.to_str().expect("path")),
+            ("WATCHDOG_USEC", "300000"),
+        ],
+    )
+    .await;
+    let ready = recv_until(&sock, "READY=1");
+    assert!(
+        ready
+            .last()
+            .is_some_and(|m| m.contains("STATUS=serving on")),
+        "{ready:?}"
+    );
+    // Pings keep coming while the store writer answers.
+    recv_until(&sock, "WATCHDOG=1");
+    recv_until(&sock, "WATCHDOG=1");
+    assert!(s.terminate().success());
+    recv_until(&sock, "STOPPING=1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_structured_fields() {
+    let mut s = Server::start("log_format = \"json\"").await;
+    let id = s.submit(json!({"code": "print(1)"})).await;
+    s.wait_terminal(&id).await;
+    assert!(s.terminate().success());
+    let lines: Vec<Value> = s
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let finished = lines
+        .iter()
+        .find(|l| l["message"] == "evaluation finished" && l["eval_id"] == id.as_str())
+        .unwrap_or_else(|| panic!("no finished line for {id} in {lines:?}"));
+    assert_eq!(finished["status"], "completed");
+    assert_eq!(finished["event_type"], "evaluation:completed");
+    assert_eq!(finished["level"], "INFO");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_backup_is_a_usable_data_dir() {
+    let s = Server::start("").await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(s.submit(json!({"code": format!("print({i})")})).await);
+    }
+    for id in &ids {
+        s.wait_terminal(id).await;
+    }
+    let out = tempfile::tempdir().expect("tempdir");
+    let dest = out.path().join("b1");
+    let url = format!("http://{}", s.addr);
+    let d = dest.clone();
+    let o = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(crate::common::bin())
+            .args(["backup", d.to_str().expect("path"), "--server", &url])
+            .output()
+            .expect("run backup")
+    })
+    .await
+    .expect("join");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let info: Value = serde_json::from_slice(&o.stdout).expect("json");
+    let head = s.health().await["store"]["head_seq"].as_u64().unwrap_or(0);
+    assert_eq!(info["head_seq"].as_u64(), Some(head));
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(dest.join("backup.json")).expect("manifest"))
+            .expect("json");
+    assert_eq!(manifest["head_seq"].as_u64(), Some(head));
+    // Refuses to overwrite.
+    let again = s
+        .post("/api/admin/backup", &json!({"path": dest.to_str()}))
+        .await;
+    assert_eq!(again.status, 422);
+    assert_eq!(again.error_code().as_deref(), Some("backup_failed"));
+    let rel = s
+        .post("/api/admin/backup", &json!({"path": "relative/dir"}))
+        .await;
+    assert_eq!(rel.status, 422);
+
+    // The backup directory is a data dir: a second server started on it has everything.
+    let restored = restore_server(&dest).await;
+    for id in &ids {
+        let original = s.record(id).await;
+        assert_eq!(restored.record(id).await, original);
+    }
+}
+
+/// A server whose data dir is `dir` (the fixture normally picks its own).
+async fn restore_server(dir: &std::path::Path) -> RestoredServer {
+    let child = std::process::Command::new(crate::common::bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .env_remove("CRUCIBLE_API_TOKEN")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let started = Instant::now();
+    let addr = loop {
+        if let Ok(a) = std::fs::read_to_string(dir.join("listen.addr")) {
+            if a.ends_with('\n') {
+                break a.trim().to_string();
+            }
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "restored server did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    RestoredServer {
+        child,
+        client: crucible::client::Client::new(&format!("http://{addr}"), None).expect("client"),
+    }
+}
+
+struct RestoredServer {
+    child: std::process::Child,
+    client: crucible::client::Client,
+}
+
+impl RestoredServer {
+    async fn record(&self, id: &str) -> Value {
+        let r = self
+            .client
+            .get(&format!("/api/eval/{id}"))
+            .await
+            .expect("get");
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json().expect("json")
+    }
+}
+
+impl Drop for RestoredServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

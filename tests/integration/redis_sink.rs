@@ -1,0 +1,228 @@
+//! Delivery to a real redis-server: every event PUBLISHed on its seed channel and XADDed
+//! to the stream, in order, surviving Redis outages and appliance crashes (at least
+//! once; duplicates only as repeated event_ids).
+
+use crate::common::{RedisServer, Server, DEADLINE};
+use fred::prelude::{ClientLike, EventInterface, PubsubInterface};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+/// The stream deduplicated by event_id: copies must be identical; seqs 1..=head each once.
+fn check_stream(entries: &[(String, Value)], head: u64) -> BTreeMap<u64, Value> {
+    let mut by_id: HashMap<&str, &Value> = HashMap::new();
+    for (id, ev) in entries {
+        assert_eq!(
+            ev["event_id"].as_str(),
+            Some(id.as_str()),
+            "field and JSON agree"
+        );
+        if let Some(prev) = by_id.insert(id, ev) {
+            assert_eq!(prev, ev, "a redelivered event changed");
+        }
+    }
+    let mut by_seq = BTreeMap::new();
+    for ev in by_id.values() {
+        let seq = ev["seq"].as_u64().expect("seq");
+        assert!(
+            by_seq.insert(seq, (*ev).clone()).is_none(),
+            "two ids share seq {seq}"
+        );
+    }
+    let seqs: Vec<u64> = by_seq.keys().copied().collect();
+    assert_eq!(
+        seqs,
+        (1..=head).collect::<Vec<_>>(),
+        "every seq exactly once"
+    );
+    by_seq
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_channel_gets_its_events_in_order_and_the_stream_gets_all() {
+    let redis = RedisServer::start();
+    let sub = {
+        let cfg = fred::prelude::Config::from_url(&redis.url()).expect("url");
+        let c = fred::prelude::Builder::from_config(cfg)
+            .build_subscriber_client()
+            .expect("subscriber");
+        c.init().await.expect("connect");
+        c
+    };
+    let mut rx = sub.message_rx();
+    sub.psubscribe(vec!["evaluation:*", "storage:*"])
+        .await
+        .expect("psubscribe");
+    let s = Server::start_with("start_paused = true", &[("REDIS_URL", &redis.url())]).await;
+    let ok = s.submit(json!({"code": "print('ok')"})).await;
+    let bad = s.submit(json!({"code": "raise SystemExit(2)"})).await;
+    let gone = s.submit(json!({"code": "print('never')"})).await;
+    assert_eq!(
+        s.post(&format!("/api/eval/{gone}/cancel"), &json!({}))
+            .await
+            .status,
+        200
+    );
+    s.post("/api/admin/queue/resume", &json!({})).await;
+    s.wait_terminal(&ok).await;
+    s.wait_terminal(&bad).await;
+    let head = s.wait_sink_caught_up("redis").await;
+    assert_eq!(head, 8);
+
+    let mut got: Vec<(String, Value)> = Vec::new();
+    let started = Instant::now();
+    while got.len() < 8 {
+        let left = DEADLINE.saturating_sub(started.elapsed());
+        let m = tokio::time::timeout(left, rx.recv())
+            .await
+            .expect("all 8 messages")
+            .expect("message");
+        let v: Value = serde_json::from_str(&m.value.as_string().expect("text")).expect("json");
+        got.push((m.channel.to_string(), v));
+    }
+    for (channel, ev) in &got {
+        assert_eq!(
+            ev["type"].as_str(),
+            Some(channel.as_str()),
+            "channel = type"
+        );
+        for k in [
+            "event_id",
+            "seq",
+            "type",
+            "eval_id",
+            "version",
+            "timestamp",
+            "node",
+            "data",
+        ] {
+            assert!(ev.get(k).is_some(), "{k} missing: {ev}");
+        }
+        assert_eq!(ev["data"]["eval_id"], ev["eval_id"]);
+        assert_eq!(ev["data"]["version"], ev["version"]);
+    }
+    let per = |id: &str| -> Vec<String> {
+        got.iter()
+            .filter(|(_, e)| e["eval_id"] == id)
+            .map(|(c, _)| c.clone())
+            .collect()
+    };
+    assert_eq!(
+        per(&ok),
+        [
+            "evaluation:queued",
+            "evaluation:started",
+            "evaluation:completed"
+        ]
+    );
+    assert_eq!(
+        per(&bad),
+        [
+            "evaluation:queued",
+            "evaluation:started",
+            "evaluation:failed"
+        ]
+    );
+    assert_eq!(per(&gone), ["evaluation:queued", "evaluation:cancelled"]);
+    let seqs: Vec<u64> = got
+        .iter()
+        .map(|(_, e)| e["seq"].as_u64().unwrap_or(0))
+        .collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "published in seq order: {seqs:?}"
+    );
+
+    let stream = redis.stream("crucible:events").await;
+    let by_seq = check_stream(&stream, head);
+    for (_, ev) in &got {
+        assert_eq!(by_seq.get(&ev["seq"].as_u64().unwrap_or(0)), Some(ev));
+    }
+    let _ = sub.quit().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_delays_but_loses_nothing() {
+    let mut redis = RedisServer::start();
+    let s = Server::start_with("", &[("REDIS_URL", &redis.url())]).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(s.submit(json!({"code": format!("print({i})")})).await);
+    }
+    s.wait_sink_caught_up("redis").await;
+    redis.kill();
+    // The API does not wait for Redis.
+    for i in 5..15 {
+        ids.push(s.submit(json!({"code": format!("print({i})")})).await);
+    }
+    for id in &ids {
+        s.wait_terminal(id).await;
+    }
+    let started = Instant::now();
+    loop {
+        let h = s.health().await;
+        let sink = &h["sinks"]["redis"];
+        if sink["ok"] == false && sink["backlog"].as_u64().unwrap_or(0) > 0 {
+            assert_eq!(h["status"], "degraded");
+            assert_eq!(h["redis"]["connected"], false);
+            assert!(sink["last_error"].as_str().is_some());
+            break;
+        }
+        assert!(started.elapsed() < DEADLINE, "outage not visible: {h}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let m = s.get("/metrics").await.text();
+    assert!(
+        m.contains("crucible_outbox_sink_up{sink=\"redis\"} 0"),
+        "{m}"
+    );
+    redis.restart();
+    ids.push(s.submit(json!({"code": "print('after')"})).await);
+    s.wait_terminal(ids.last().expect("id")).await;
+    let head = s.wait_sink_caught_up("redis").await;
+    let stream = redis.stream("crucible:events").await;
+    check_stream(&stream, head);
+    let h = s.health().await;
+    assert_eq!(h["status"], "ok", "{h}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_delivery_and_cursor_redelivers_the_same_event_ids() {
+    let redis = RedisServer::start();
+    let mut s = Server::start_with(
+        "start_paused = true",
+        &[
+            ("REDIS_URL", &redis.url()),
+            ("CRUCIBLE_FAILPOINTS", "relay.after_deliver=1"),
+        ],
+    )
+    .await;
+    // The first delivered batch reaches Redis, then the process aborts before the cursor
+    // is saved. The 202 may or may not have been written first.
+    let _ = s
+        .submit_keyed(&json!({"code": "print('twice?')"}), "k1")
+        .await;
+    assert!(!s.wait_exit().success());
+    let before = redis.stream("crucible:events").await;
+    assert_eq!(before.len(), 1, "{before:?}");
+    s.set_env("CRUCIBLE_FAILPOINTS", None);
+    s.set_config("");
+    s.restart().await;
+    let r = s
+        .submit_keyed(&json!({"code": "print('twice?')"}), "k1")
+        .await
+        .expect("retry");
+    let id = r.json().expect("json")["eval_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    s.wait_terminal(&id).await;
+    let head = s.wait_sink_caught_up("redis").await;
+    let after = redis.stream("crucible:events").await;
+    assert_eq!(
+        after[0], after[1],
+        "the same event, delivered again unchanged"
+    );
+    assert_eq!(after.len() as u64, head + 1);
+    check_stream(&after, head);
+}
