@@ -16,6 +16,9 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 command -v redis-benchmark >/dev/null || missing+=(redis-tools)
 # The PostgreSQL tests run their own cluster (initdb + pg_ctl) on a loopback port.
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+# The web UI tests drive a headless Chromium over WebDriver.
+command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "tests/run.sh: installing ${missing[*]}"
   as_root apt-get update -qq
@@ -45,6 +48,7 @@ echo "== cargo clippy"
 cargo clippy --all-targets -- -D warnings
 echo "== cargo test"
 cargo test -- --test-threads="${TEST_THREADS:-2}"
+echo "   UI screenshots of each step: target/test-artifacts/ui/"
 echo "== packaging (static musl binary, .deb, unit, install/upgrade/purge in a throwaway root)"
 tests/packaging.sh
 echo "== all tests passed"

@@ -15,19 +15,6 @@ use std::sync::Arc;
 /// The OpenAPI document, kept next to the code it describes.
 const OPENAPI: &str = include_str!("../../assets/openapi.json");
 
-pub fn index(state: &State) -> Response<Body> {
-    let text = format!(
-        "crucible {} (node {})\n\nAPI: POST /api/eval, GET /api/eval/{{id}}, GET /api/events, GET /health, GET /metrics\nOpenAPI document: /api/openapi.json\n",
-        env!("CARGO_PKG_VERSION"),
-        state.store.node_id()
-    );
-    bytes_response(
-        StatusCode::OK,
-        "text/plain; charset=utf-8",
-        Bytes::from(text),
-    )
-}
-
 pub fn openapi() -> Response<Body> {
     bytes_response(
         StatusCode::OK,

@@ -9,6 +9,7 @@
 mod api;
 mod error;
 mod sse;
+mod ui;
 
 pub use crate::error::ApiError;
 
@@ -170,7 +171,9 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> Handled {
         }};
     }
     match segs.as_slice() {
-        [""] if get => ("/", Ok(api::index(state))),
+        [""] if get => ("/", ui::asset("index.html", req.headers())),
+        ["ui", file] if get => ("/ui/{file}", ui::asset(file, req.headers())),
+        [""] | ["ui", _] => ("/", Err(ApiError::method_not_allowed("GET"))),
         ["health"] if get => ("/health", Ok(api::health(state).await)),
         ["health"] => ("/health", Err(ApiError::method_not_allowed("GET"))),
         ["metrics"] => guarded!("/metrics", get, "GET", Ok(api::metrics(state).await)),

@@ -12,3 +12,4 @@ mod ops;
 mod postgres;
 mod redis_rr;
 mod redis_sink;
+mod ui;
