@@ -152,6 +152,23 @@ async fn route_count(s: &Server, route: &str) -> u64 {
         .sum()
 }
 
+async fn click(c: &Client, css: &str) {
+    c.find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
+        .click()
+        .await
+        .unwrap_or_else(|e| panic!("click {css}: {e}"));
+}
+
+/// Wait until the text of `css` is `want`.
+async fn wait_text(c: &Client, css: &str, want: &str) {
+    until(c, &format!("{css} to read {want}"), || async {
+        (text(c, css).await.as_deref() == Some(want)).then_some(())
+    })
+    .await;
+}
+
 async fn set_code(c: &Client, code: &str) {
     let area = c.find(Locator::Css("#code")).await.expect("editor");
     area.clear().await.expect("clear");
@@ -179,12 +196,7 @@ async fn ui_submit_watch_cancel_browse_in_chromium() {
         .await
         .expect("token input");
     input.send_keys(TOKEN).await.expect("type token");
-    c.find(Locator::Css("#token-form button[value=save]"))
-        .await
-        .expect("save")
-        .click()
-        .await
-        .expect("click save");
+    click(&c, "#token-form button[value=save]").await;
     until(&c, "live event stream", || async {
         (text(&c, "#stream-state").await.as_deref() == Some("live")).then_some(())
     })
@@ -234,17 +246,8 @@ async fn ui_submit_watch_cancel_browse_in_chromium() {
     let t = c.find(Locator::Css("#timeout")).await.expect("timeout");
     t.clear().await.expect("clear");
     t.send_keys("280").await.expect("type timeout");
-    c.find(Locator::Css("#run-button"))
-        .await
-        .expect("run button")
-        .click()
-        .await
-        .expect("click run");
-    until(&c, "the long run to be running", || async {
-        (text(&c, "#run-result [data-field=status]").await.as_deref() == Some("running"))
-            .then_some(())
-    })
-    .await;
+    click(&c, "#run-button").await;
+    wait_text(&c, "#run-result [data-field=status]", "running").await;
     let progress = text(&c, "#run-result [data-field=progress]")
         .await
         .unwrap_or_default();
@@ -254,17 +257,8 @@ async fn ui_submit_watch_cancel_browse_in_chromium() {
         .await
         .expect("eval id");
     assert_ne!(long_id, hi_id);
-    c.find(Locator::Css("#run-result [data-action=cancel]"))
-        .await
-        .expect("cancel button")
-        .click()
-        .await
-        .expect("click cancel");
-    until(&c, "the long run to be cancelled", || async {
-        (text(&c, "#run-result [data-field=status]").await.as_deref() == Some("cancelled"))
-            .then_some(())
-    })
-    .await;
+    click(&c, "#run-result [data-action=cancel]").await;
+    wait_text(&c, "#run-result [data-field=status]", "cancelled").await;
     shot(&c, "04-cancelled").await;
     assert_eq!(s.record(&long_id).await["status"], "cancelled");
     let cancel_hidden = js(
