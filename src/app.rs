@@ -156,7 +156,7 @@ pub async fn run(
         cfg: cfg.clone(),
         store: store.clone(),
         queue: queue.clone(),
-        executor,
+        executor: executor.clone(),
         outbox,
         started: Instant::now(),
         shutdown: shutdown.clone(),
@@ -198,6 +198,7 @@ pub async fn run(
     queue
         .shutdown(Duration::from_secs(cfg.shutdown_grace_secs))
         .await;
+    executor.shutdown().await;
     relay_stop.cancel();
     tracker.close();
     if tokio::time::timeout(Duration::from_secs(5), tracker.wait())

@@ -42,6 +42,7 @@ pub const LABEL_EVAL: &str = "crucible.eval_id";
 
 #[derive(Debug, Clone)]
 struct Lang {
+    name: String,
     image: String,
     script: String,
 }
@@ -82,6 +83,13 @@ pub struct DockerExecutor {
     warm_target: usize,
     warm: Mutex<HashMap<String, VecDeque<String>>>,
     refill: Notify,
+    /// The warm-pool task, awaited at shutdown so nothing it creates outlives the process.
+    pool_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Set once this node's leftover containers were removed, at the first contact with
+    /// the engine (which may come long after start-up if the engine was down then).
+    reaped: tokio::sync::Mutex<bool>,
+    /// Language -> why its image cannot be used (for /health); absent when fine.
+    image_problems: Mutex<HashMap<String, String>>,
     state: Mutex<EngineState>,
     pub stats: DockerStats,
 }
@@ -121,6 +129,7 @@ impl DockerExecutor {
             languages.insert(
                 name.clone(),
                 Lang {
+                    name: name.clone(),
                     image: lang.image.clone().unwrap_or_default(),
                     script,
                 },
@@ -144,6 +153,9 @@ impl DockerExecutor {
             warm_target: cfg.docker.warm_pool,
             warm: Mutex::new(HashMap::new()),
             refill: Notify::new(),
+            pool_task: Mutex::new(None),
+            reaped: tokio::sync::Mutex::new(false),
+            image_problems: Mutex::new(HashMap::new()),
             state: Mutex::new(EngineState::default()),
             stats: DockerStats::default(),
         }))
@@ -181,6 +193,12 @@ impl DockerExecutor {
                     v.version.unwrap_or_default(),
                     v.api_version.unwrap_or_default()
                 );
+                // Nothing runs before the engine is reachable, so the first contact is
+                // where crash leftovers go, before any new container exists.
+                if let Err(e) = self.reap_once().await {
+                    self.set_state(false, None, Some(e.clone()));
+                    return Err(e);
+                }
                 self.set_state(true, Some(version), None);
                 Ok(())
             }
@@ -197,24 +215,74 @@ impl DockerExecutor {
         }
     }
 
-    /// Start-up: remove this node's containers left by a crash, and start the warm pool.
+    /// Start-up: reach the engine (which removes this node's containers left by a crash),
+    /// check the images, and start the warm pool. An engine that is down now is fine: the
+    /// same happens when it first answers.
     pub async fn start(self: &Arc<Self>, shutdown: CancellationToken) {
         if self.probe().await.is_ok() {
-            self.reap().await;
-            for (name, lang) in &self.languages {
-                if let Err(e) = self.ensure_image(&lang.image).await {
-                    tracing::warn!(language = %name, "{e}");
+            for lang in self.languages.values() {
+                if let Err(e) = self.check_image(lang).await {
+                    tracing::warn!(language = %lang.name, "{e}");
                 }
             }
         }
         if self.warm_target > 0 {
             let me = self.clone();
-            tokio::spawn(async move { me.keep_warm(shutdown).await });
+            let task = tokio::spawn(async move { me.keep_warm(shutdown).await });
+            if let Ok(mut t) = self.pool_task.lock() {
+                *t = Some(task);
+            }
         }
     }
 
+    /// Shutdown, after the last evaluation ended: stop the warm pool and remove every
+    /// container of this node, so a stopped appliance leaves nothing behind.
+    pub async fn stop(&self) {
+        let task = self.pool_task.lock().ok().and_then(|mut t| t.take());
+        if let Some(task) = task {
+            // The pool task ends on the shutdown token; a create in flight finishes first.
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+        if self.reachable() {
+            if let Ok(n) = self.reap().await {
+                if n > 0 {
+                    tracing::info!(count = n, "removed this node's containers at shutdown");
+                }
+            }
+        }
+    }
+
+    /// Make sure the language's image is there (pulling it if allowed); /health shows
+    /// the outcome.
+    async fn check_image(&self, lang: &Lang) -> Result<(), String> {
+        let result = self.ensure_image(&lang.image).await;
+        if let Ok(mut p) = self.image_problems.lock() {
+            match &result {
+                Ok(()) => p.remove(&lang.name),
+                Err(e) => p.insert(lang.name.clone(), e.clone()),
+            };
+        }
+        result
+    }
+
+    /// Remove this node's leftover containers once, at the first contact with the engine.
+    async fn reap_once(&self) -> Result<(), String> {
+        let mut done = self.reaped.lock().await;
+        if !*done {
+            let n = self.reap().await?;
+            if n > 0 {
+                tracing::warn!(
+                    count = n,
+                    "removed containers left by an earlier run of this node"
+                );
+            }
+            *done = true;
+        }
+        Ok(())
+    }
+
     /// Remove every container carrying this node's label (crash leftovers, old pool).
-    pub async fn reap(&self) -> usize {
+    async fn reap(&self) -> Result<usize, String> {
         let mut filters = HashMap::new();
         filters.insert(
             "label".to_string(),
@@ -224,13 +292,11 @@ impl DockerExecutor {
             .all(true)
             .filters(&filters)
             .build();
-        let list = match self.docker.list_containers(Some(opts)).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot list leftover containers");
-                return 0;
-            }
-        };
+        let list = self
+            .docker
+            .list_containers(Some(opts))
+            .await
+            .map_err(|e| format!("docker engine: cannot list this node's containers: {e}"))?;
         let mut n = 0;
         for c in list {
             let Some(id) = c.id else { continue };
@@ -240,10 +306,10 @@ impl DockerExecutor {
                 .and_then(|l| l.get(LABEL_EVAL).cloned())
                 .unwrap_or_default();
             self.remove(&id).await;
-            tracing::info!(container = %id, eval_id = %eval, "removed a leftover container");
+            tracing::info!(container = %id, label_eval_id = %eval, "removed a container of this node");
             n += 1;
         }
-        n
+        Ok(n)
     }
 
     async fn ensure_image(&self, image: &str) -> Result<(), String> {
@@ -290,6 +356,8 @@ impl DockerExecutor {
             memory_swap: Some(self.memory_bytes),
             nano_cpus: Some(self.nano_cpus),
             oom_score_adj: Some(1000),
+            // /dev/shm is writable in every container: cap it like /tmp.
+            shm_size: Some(self.tmp_bytes as i64),
             ipc_mode: Some("private".into()),
             ulimits: Some(vec![
                 ResourcesUlimits {
@@ -356,7 +424,7 @@ impl DockerExecutor {
                 Err(e) => {
                     let text = docker_err(e);
                     if text.contains("No such image") || text.contains("not found") {
-                        self.ensure_image(&lang.image).await?;
+                        self.check_image(lang).await?;
                     }
                     last = text;
                     if attempt < self.create_attempts {
@@ -435,7 +503,7 @@ impl DockerExecutor {
                 _ = shutdown.cancelled() => break,
             }
         }
-        // Leave nothing behind.
+        // Leave nothing behind (`stop` then removes whatever else carries our label).
         let ids: Vec<String> = self
             .warm
             .lock()
@@ -467,6 +535,9 @@ impl DockerExecutor {
                 }
             }
         };
+        // A warm container keeps its `crucible.eval_id=warm` label (labels are fixed at
+        // creation); this record pairs it with the evaluation.
+        tracing::debug!(eval_id = %job.eval_id, container = %id, "evaluation runs in container");
         let out = self.run_in(&id, job, cancel, started).await;
         self.remove(&id).await;
         out
@@ -612,6 +683,10 @@ impl Executor for DockerExecutor {
         })
     }
 
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.stop())
+    }
+
     fn metrics(&self, e: &mut crate::ops::metrics::Exposition) {
         let st = &self.stats;
         e.counter(
@@ -656,8 +731,17 @@ impl Executor for DockerExecutor {
             let _ = self.ready().await;
             let st = self.state.lock().map(|s| s.clone()).unwrap_or_default();
             let mut languages = BTreeMap::new();
+            let problems = self
+                .image_problems
+                .lock()
+                .map(|p| p.clone())
+                .unwrap_or_default();
             for (name, lang) in &self.languages {
-                languages.insert(name.clone(), format!("available (image {})", lang.image));
+                let state = match problems.get(name) {
+                    Some(why) => format!("unavailable: {why}"),
+                    None => format!("available (image {})", lang.image),
+                };
+                languages.insert(name.clone(), state);
             }
             let warm: usize = self
                 .warm

@@ -101,6 +101,11 @@ pub trait Executor: Send + Sync + 'static {
     }
     /// Backend-specific metrics for /metrics.
     fn metrics(&self, _e: &mut crate::ops::metrics::Exposition) {}
+    /// Called once at shutdown, after the last run ended: release what the backend holds
+    /// outside this process (e.g. containers).
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// Read a multiplexed container output stream to its end, keeping at most `cap` bytes of

@@ -691,3 +691,81 @@ impl Drop for PgServer {
         self.kill();
     }
 }
+
+// Hostile-code helpers shared by hostile.rs (sandbox) and docker.rs.
+
+/// Python helpers shared by the programs below: `sleeper(marker)` forks a child that
+/// becomes `/usr/bin/sleep <marker>` (it never runs the rest of the program).
+pub const PRELUDE: &str = r#"
+import errno, json, os, socket, sys
+
+def sleeper(marker):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.execv("/usr/bin/sleep", ["sleep", marker])
+        finally:
+            os._exit(127)
+    return pid
+"#;
+
+/// A program: the prelude, then `body` with each placeholder replaced by its value.
+pub fn program(body: &str, vars: &[(&str, &str)]) -> String {
+    let body = vars
+        .iter()
+        .fold(body.to_string(), |b, (k, v)| b.replace(k, v));
+    format!("{PRELUDE}\n{body}")
+}
+
+/// A sleep duration no other process on the host has in its command line.
+pub fn marker(tag: u32) -> String {
+    format!("3600.{}{tag:03}", std::process::id())
+}
+
+/// Host processes whose command line contains `marker` ("pid: cmdline").
+pub fn host_processes_with(marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc")
+        .expect("read host /proc")
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        // Processes may exit while we scan; a missing cmdline is simply not a match.
+        if let Ok(raw) = std::fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+            if cmdline.contains(marker) {
+                found.push(format!("{name}: {cmdline}"));
+            }
+        }
+    }
+    found
+}
+
+/// Fork sleepers until the process limit refuses, print how many, then keep hammering
+/// the limit for a while and exit (so the run ends without a race). `MARKER`: see [`marker`].
+pub const FORK_BOMB: &str = r#"
+forks = 0
+while True:
+    try:
+        sleeper("MARKER")
+        forks += 1
+    except OSError:
+        break
+print(forks, flush=True)
+for _ in range(2000):
+    try:
+        sleeper("MARKER")
+    except OSError:
+        pass
+"#;
+
+pub fn assert_no_host_process_with(marker: &str) {
+    let left = host_processes_with(marker);
+    assert!(
+        left.is_empty(),
+        "sandboxed processes outlived their evaluation: {left:?}"
+    );
+}

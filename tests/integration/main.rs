@@ -7,6 +7,7 @@ mod bad_input;
 mod cli;
 mod common;
 mod crash;
+mod docker;
 mod hostile;
 mod ops;
 mod postgres;
