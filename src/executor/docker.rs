@@ -85,6 +85,8 @@ pub struct DockerExecutor {
     refill: Notify,
     /// The warm-pool task, awaited at shutdown so nothing it creates outlives the process.
     pool_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Background removals of finished containers.
+    removals: tokio_util::task::TaskTracker,
     /// Set once this node's leftover containers were removed, at the first contact with
     /// the engine (which may come long after start-up if the engine was down then).
     reaped: tokio::sync::Mutex<bool>,
@@ -101,6 +103,18 @@ fn sh_quote(s: &str) -> String {
 
 fn docker_err(e: bollard::errors::Error) -> String {
     e.to_string()
+}
+
+async fn remove_container(docker: &Docker, id: &str) {
+    let opts = RemoveContainerOptionsBuilder::default()
+        .force(true)
+        .v(true)
+        .build();
+    if let Err(e) = docker.remove_container(id, Some(opts)).await {
+        if !e.to_string().contains("No such container") {
+            tracing::warn!(container = %id, error = %e, "cannot remove container");
+        }
+    }
 }
 
 impl DockerExecutor {
@@ -154,6 +168,7 @@ impl DockerExecutor {
             warm: Mutex::new(HashMap::new()),
             refill: Notify::new(),
             pool_task: Mutex::new(None),
+            removals: tokio_util::task::TaskTracker::new(),
             reaped: tokio::sync::Mutex::new(false),
             image_problems: Mutex::new(HashMap::new()),
             state: Mutex::new(EngineState::default()),
@@ -243,6 +258,8 @@ impl DockerExecutor {
             // The pool task ends on the shutdown token; a create in flight finishes first.
             let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
         }
+        self.removals.close();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.removals.wait()).await;
         if self.reachable() {
             if let Ok(n) = self.reap().await {
                 if n > 0 {
@@ -442,15 +459,16 @@ impl DockerExecutor {
     }
 
     async fn remove(&self, id: &str) {
-        let opts = RemoveContainerOptionsBuilder::default()
-            .force(true)
-            .v(true)
-            .build();
-        if let Err(e) = self.docker.remove_container(id, Some(opts)).await {
-            if !e.to_string().contains("No such container") {
-                tracing::warn!(container = %id, error = %e, "cannot remove container");
-            }
-        }
+        remove_container(&self.docker, id).await;
+    }
+
+    /// Remove a finished run's container in the background: the result does not wait for
+    /// the engine's clean-up. `stop` waits for these, and a crash leaves nothing that the
+    /// next first contact does not reap.
+    fn remove_later(&self, id: String) {
+        let docker = self.docker.clone();
+        self.removals
+            .spawn(async move { remove_container(&docker, &id).await });
     }
 
     async fn kill(&self, id: &str) {
@@ -482,7 +500,19 @@ impl DockerExecutor {
                     if have >= self.warm_target || shutdown.is_cancelled() || !self.reachable() {
                         break;
                     }
-                    match self.create(lang, "warm").await {
+                    // Created AND started: the bootstrap waits for its code on stdin, so an
+                    // evaluation skips both steps.
+                    let ready = match self.create(lang, "warm").await {
+                        Ok(id) => match self.docker.start_container(&id, None).await {
+                            Ok(()) => Ok(id),
+                            Err(e) => {
+                                self.remove(&id).await;
+                                Err(format!("start: {e}"))
+                            }
+                        },
+                        Err(e) => Err(e),
+                    };
+                    match ready {
                         Ok(id) => {
                             if let Ok(mut w) = self.warm.lock() {
                                 w.entry(name.clone()).or_default().push_back(id);
@@ -520,7 +550,26 @@ impl DockerExecutor {
 
     async fn run_lang(&self, lang: &Lang, job: &Job, cancel: CancellationToken) -> RunOutput {
         let started = Instant::now();
-        let id = match self.take_warm(&job.language) {
+        let mut warm = None;
+        if let Some(id) = self.take_warm(&job.language) {
+            // A warm container waits on stdin; one the engine stopped meanwhile (an
+            // engine restart, say) is dropped for a fresh one.
+            let running = self
+                .docker
+                .inspect_container(&id, None)
+                .await
+                .ok()
+                .and_then(|c| c.state)
+                .and_then(|s| s.running)
+                .unwrap_or(false);
+            if running {
+                warm = Some(id);
+            } else {
+                self.remove_later(id);
+            }
+        }
+        let prestarted = warm.is_some();
+        let id = match warm {
             Some(id) => {
                 self.stats.warm_hits.fetch_add(1, Ordering::Relaxed);
                 id
@@ -538,8 +587,8 @@ impl DockerExecutor {
         // A warm container keeps its `crucible.eval_id=warm` label (labels are fixed at
         // creation); this record pairs it with the evaluation.
         tracing::debug!(eval_id = %job.eval_id, container = %id, "evaluation runs in container");
-        let out = self.run_in(&id, job, cancel, started).await;
-        self.remove(&id).await;
+        let out = self.run_in(&id, job, cancel, started, prestarted).await;
+        self.remove_later(id);
         out
     }
 
@@ -549,6 +598,7 @@ impl DockerExecutor {
         job: &Job,
         cancel: CancellationToken,
         started: Instant,
+        prestarted: bool,
     ) -> RunOutput {
         let attach = AttachContainerOptionsBuilder::default()
             .stdin(true)
@@ -561,8 +611,10 @@ impl DockerExecutor {
             Err(e) => return RunOutput::executor_error(format!("attach: {e}"), started.elapsed()),
         };
         let bollard::container::AttachContainerResults { output, mut input } = attached;
-        if let Err(e) = self.docker.start_container(id, None).await {
-            return RunOutput::executor_error(format!("start: {e}"), started.elapsed());
+        if !prestarted {
+            if let Err(e) = self.docker.start_container(id, None).await {
+                return RunOutput::executor_error(format!("start: {e}"), started.elapsed());
+            }
         }
         let run_started = Instant::now();
         let mut payload = format!("{}\n", job.code.len()).into_bytes();

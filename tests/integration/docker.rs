@@ -1026,8 +1026,9 @@ async fn wait_warm_pool(s: &Server, node: &str, per_language: usize) -> (Vec<Str
             };
             let state = c["State"]["Status"].as_str().unwrap_or("").to_string();
             match (container_language(&c), state.as_str()) {
-                ("python", "created") => py.push(id),
-                ("sh", "created") => sh.push(id),
+                // Warm containers are started and wait for their code on stdin.
+                ("python", "running") => py.push(id),
+                ("sh", "running") => sh.push(id),
                 (lang, st) => other.push(format!("{id} {lang} {st}")),
             }
         }
@@ -1138,15 +1139,29 @@ async fn docker_sigterm_leaves_no_container() {
         )
         .await;
     s.wait_status(&id, "running").await;
-    eventually(&s, "a running container", || {
-        let running = node_containers(&node)
+    // Idle warm containers run too (a shell waiting for its code on stdin): the busy one
+    // is the one whose shell became python3.
+    eventually(&s, "the evaluation running in a container", || {
+        let busy = node_containers(&node)
             .into_iter()
-            .filter(|c| inspect(c).is_some_and(|v| v["State"]["Running"] == true))
+            .filter(|c| {
+                inspect(c).is_some_and(|v| v["State"]["Running"] == true)
+                    && Command::new("docker")
+                        .args(["top", c])
+                        .output()
+                        .is_ok_and(|o| {
+                            // CMD is the 8th column; an idle shell's own command line
+                            // names python3 too, so match the program, not the text.
+                            String::from_utf8_lossy(&o.stdout)
+                                .lines()
+                                .any(|l| l.split_whitespace().nth(7) == Some("python3"))
+                        })
+            })
             .count();
-        std::future::ready(if running == 1 {
+        std::future::ready(if busy == 1 {
             Ok(())
         } else {
-            Err(format!("{running} running"))
+            Err(format!("{busy} containers run python3"))
         })
     })
     .await;
