@@ -137,7 +137,7 @@ fn main() {
     let wm = pct(&mut warm, 0.5);
     let _ = writeln!(
         out,
-        "| crucible, warm pool (container created ahead; {hits} pool hits) | {wm:.0} ({:.0} % of docker run) | {:.0} |",
+        "| crucible, warm pool (container created and started ahead; {hits} pool hits) | {wm:.0} ({:.0} % of docker run) | {:.0} |",
         wm / rm * 100.0,
         pct(&mut warm, 0.99)
     );
