@@ -169,6 +169,26 @@ async fn wait_text(c: &Client, css: &str, want: &str) {
     .await;
 }
 
+/// The eval ids of the history rows; with `at_least > 0`, waits until there are that many.
+async fn wait_rows(c: &Client, at_least: usize) -> Vec<String> {
+    let read = || async {
+        let v = js(
+            c,
+            "return [...document.querySelectorAll('#history-rows tr')].map(r => r.dataset.evalId)",
+        )
+        .await;
+        serde_json::from_value::<Vec<String>>(v).unwrap_or_default()
+    };
+    if at_least == 0 {
+        return read().await;
+    }
+    until(c, &format!("{at_least} history rows"), || async {
+        let rows = read().await;
+        (rows.len() >= at_least).then_some(rows)
+    })
+    .await
+}
+
 async fn set_code(c: &Client, code: &str) {
     let area = c.find(Locator::Css("#code")).await.expect("editor");
     area.clear().await.expect("clear");
@@ -309,15 +329,62 @@ async fn ui_submit_watch_cancel_browse_in_chromium() {
     .await;
     shot(&c, "06-history-completed-only").await;
 
-    // 5. The detail view (a permalink): code, stdout and stderr apart, exit code.
-    c.find(Locator::Css(&format!(
-        "#history-rows tr[data-eval-id='{hi_id}'] a"
-    )))
-    .await
-    .expect("row link")
-    .click()
-    .await
-    .expect("open detail");
+    // Paging, and new evaluations arriving live while the first page is open.
+    c.find(Locator::Css("#history-status"))
+        .await
+        .expect("filter")
+        .select_by_value("")
+        .await
+        .expect("select all");
+    wait_rows(&c, 2).await;
+    let batch: Vec<Value> = (0..21)
+        .map(|i| json!({"code": format!("echo {i}"), "language": "sh", "timeout": 10}))
+        .collect();
+    let r = s
+        .post("/api/eval-batch", &json!({ "evaluations": batch }))
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let mut all: Vec<String> = r.json().expect("json")["evaluations"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|e| e["eval_id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    all.extend([hi_id.clone(), long_id.clone()]);
+    // The page fills up from the event stream (no reload by the test).
+    let newest = all[20].clone();
+    until(&c, "the live first page", || async {
+        let rows = wait_rows(&c, 0).await;
+        (rows.len() == 20 && rows[0] == newest).then_some(())
+    })
+    .await;
+    shot(&c, "06b-history-page-1").await;
+    let page1 = wait_rows(&c, 20).await;
+    click(&c, "#history-next").await;
+    until(&c, "the second page", || async {
+        (wait_rows(&c, 0).await.len() == 3).then_some(())
+    })
+    .await;
+    let page2 = wait_rows(&c, 3).await;
+    shot(&c, "06c-history-page-2").await;
+    let mut seen: Vec<String> = page1.iter().chain(page2.iter()).cloned().collect();
+    seen.sort();
+    all.sort();
+    assert_eq!(seen, all, "the two pages hold every evaluation once");
+    click(&c, "#history-prev").await;
+    until(&c, "the first page again", || async {
+        (wait_rows(&c, 0).await == page1).then_some(())
+    })
+    .await;
+
+    // 5. The detail view (a permalink, opened from its row on page 2): code, stdout and
+    //    stderr apart, exit code.
+    click(&c, "#history-next").await;
+    until(&c, "page 2 with print(hi)", || async {
+        wait_rows(&c, 0).await.contains(&hi_id).then_some(())
+    })
+    .await;
+    click(&c, &format!("#history-rows tr[data-eval-id='{hi_id}'] a")).await;
     until(&c, "the detail view", || async {
         (text(&c, "#eval-result [data-field=stdout]")
             .await
