@@ -98,6 +98,15 @@ start
 crucible status "$id" > /tmp/after.json
 grep -q '"status": "completed"' /tmp/after.json
 grep -q 'from the package' /tmp/after.json
+# The web UI is inside the static binary.
+python3 - <<'PY'
+import urllib.request
+addr = open("/var/lib/crucible/listen.addr").read().strip()
+page = urllib.request.urlopen(f"http://{addr}/").read()
+assert b"<title>Crucible</title>" in page, page[:200]
+js = urllib.request.urlopen(f"http://{addr}/ui/app.js")
+assert js.headers["Content-Type"].startswith("text/javascript"), js.headers
+PY
 stop
 
 dpkg --purge crucible
