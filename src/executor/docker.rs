@@ -81,6 +81,8 @@ pub struct DockerExecutor {
     pull: bool,
     create_attempts: u32,
     warm_target: usize,
+    /// Memory the engine may hand out at once: (workers + warm containers) x memory limit.
+    memory_budget_bytes: u64,
     warm: Mutex<HashMap<String, VecDeque<String>>>,
     refill: Notify,
     /// The warm-pool task, awaited at shutdown so nothing it creates outlives the process.
@@ -103,6 +105,14 @@ fn sh_quote(s: &str) -> String {
 
 fn docker_err(e: bollard::errors::Error) -> String {
     e.to_string()
+}
+
+/// MemTotal of /proc/meminfo.
+fn host_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 async fn remove_container(docker: &Docker, id: &str) {
@@ -165,6 +175,11 @@ impl DockerExecutor {
             pull: cfg.docker.pull,
             create_attempts: cfg.docker.create_attempts,
             warm_target: cfg.docker.warm_pool,
+            memory_budget_bytes: (cfg.workers as u64
+                + (cfg.docker.warm_pool * cfg.languages.len()) as u64)
+                * l.memory_mb
+                * 1024
+                * 1024,
             warm: Mutex::new(HashMap::new()),
             refill: Notify::new(),
             pool_task: Mutex::new(None),
@@ -234,6 +249,22 @@ impl DockerExecutor {
     /// check the images, and start the warm pool. An engine that is down now is fine: the
     /// same happens when it first answers.
     pub async fn start(self: &Arc<Self>, shutdown: CancellationToken) {
+        // Warm containers carry the full memory limit: they count against the budget.
+        let budget_mb = self.memory_budget_bytes / (1024 * 1024);
+        tracing::info!(
+            memory_budget_mb = budget_mb,
+            warm_pool = self.warm_target,
+            "docker executor: running plus warm containers may use up to this much memory"
+        );
+        if let Some(total) = host_memory_bytes() {
+            if self.memory_budget_bytes > total {
+                tracing::warn!(
+                    memory_budget_mb = budget_mb,
+                    host_memory_mb = total / (1024 * 1024),
+                    "(workers + warm_pool x languages) x limits.memory_mb exceeds this host's memory; lower one of them"
+                );
+            }
+        }
         if self.probe().await.is_ok() {
             for lang in self.languages.values() {
                 if let Err(e) = self.check_image(lang).await {
@@ -771,6 +802,11 @@ impl Executor for DockerExecutor {
             "Warm containers ready.",
             warm as f64,
         );
+        e.gauge(
+            "crucible_docker_memory_budget_bytes",
+            "(workers + warm containers) x the memory limit per container.",
+            self.memory_budget_bytes as f64,
+        );
         e.flag(
             "crucible_docker_engine_up",
             "1 when the Docker engine answered the last check.",
@@ -821,6 +857,11 @@ impl Executor for DockerExecutor {
 #[cfg(test)]
 mod tests {
     use super::sh_quote;
+
+    #[test]
+    fn host_memory_is_read() {
+        assert!(super::host_memory_bytes().is_some_and(|b| b > 1 << 20));
+    }
 
     #[test]
     fn quoting_survives_single_quotes() {

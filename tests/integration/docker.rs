@@ -1116,6 +1116,11 @@ async fn docker_warm_pool_serves_each_container_once() {
         metric(&s, "crucible_docker_warm_hits_total").await >= 2.0,
         "warm hits (first python and the sh run at least)"
     );
+    // Warm containers carry the full limit: (1 worker + 2 x 2 warm) x 256 MiB.
+    assert_eq!(
+        metric(&s, "crucible_docker_memory_budget_bytes").await,
+        (5 * 256 * MIB) as f64
+    );
 }
 
 // ---------------------------------------------------------------------------------------
