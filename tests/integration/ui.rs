@@ -11,6 +11,7 @@
 use crate::common::{free_port, Server, DEADLINE};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,7 +27,10 @@ struct Driver {
 impl Driver {
     async fn start() -> Driver {
         let port = free_port();
+        // Its own process group: dropping the driver kills Chromium too, even when a
+        // failing test never closes its session.
         let child = Command::new("chromedriver")
+            .process_group(0)
             .arg(format!("--port={port}"))
             .arg("--allowed-ips=127.0.0.1")
             .stdout(Stdio::null())
@@ -51,7 +55,10 @@ impl Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // SAFETY: kill(2) on the process group this driver leads; no memory involved.
+        unsafe {
+            libc::kill(-(self.child.id() as i32), libc::SIGKILL);
+        }
         let _ = self.child.wait();
     }
 }
@@ -64,6 +71,8 @@ async fn browser(driver: &Driver) -> Client {
         "--disable-dev-shm-usage",
         "--window-size=1280,1000",
         "--no-first-run",
+        "--disable-crash-reporter",
+        "--disable-breakpad",
         "--no-default-browser-check",
         "--disable-background-networking",
         "--disable-component-update",
