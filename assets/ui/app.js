@@ -76,11 +76,13 @@ async function copyText(text, button) {
     ta.select();
     try { ok = document.execCommand("copy"); } catch (_) { ok = false; }
     ta.remove();
+    button.focus();
   }
-  const old = button.textContent;
+  if (!button.dataset.label) button.dataset.label = button.textContent;
   button.textContent = ok ? "Copied" : "Copy failed";
   announce(ok ? "Copied to the clipboard" : "Could not copy");
-  setTimeout(() => { button.textContent = old; }, 1500);
+  clearTimeout(Number(button.dataset.timer));
+  button.dataset.timer = String(setTimeout(() => { button.textContent = button.dataset.label; }, 1500));
 }
 
 // ---------------------------------------------------------------- API token
@@ -183,14 +185,28 @@ async function api(method, path, body, extraHeaders = {}) {
 const records = new Map();
 const recordListeners = new Set();
 
+const MAX_RECORDS = 200;
+
 function upsert(rec) {
   if (!rec || !rec.eval_id) return null;
   const old = records.get(rec.eval_id);
   if (old && (old.version || 0) > (rec.version || 0)) return old;
   records.set(rec.eval_id, rec);
   for (const f of recordListeners) f(rec, old);
+  if (records.size > MAX_RECORDS) pruneRecords();
   return rec;
 }
+
+/** Keep what is on screen; a busy appliance must not grow an open tab without bound. */
+function pruneRecords() {
+  const keep = new Set([currentId, route.arg, ...hist.rows.map((r) => r.eval_id)]);
+  for (const id of records.keys()) {
+    if (!keep.has(id)) { records.delete(id); startedHere.delete(id); }
+  }
+}
+
+/** Local arrival time of each evaluation's start (see progressText). */
+const startedHere = new Map();
 
 async function loadRecord(id) {
   return upsert(await api("GET", `/api/eval/${encodeURIComponent(id)}`));
@@ -212,11 +228,22 @@ const stream = {
     this.connect();
   },
 
-  restart() {
-    if (this.state === "live") return;
+  /** Reconnect now (a new token, a visible tab again); `force` also drops a live stream. */
+  restart(force) {
+    if (this.state === "live" && !force) return;
+    if (this.connecting && !force) return;
     clearTimeout(this.timer);
     if (this.ctrl) this.ctrl.abort();
     this.connect();
+  },
+
+  /** A hidden tab gives its connection back (browsers allow ~6 per host). */
+  pause() {
+    clearTimeout(this.timer);
+    if (this.ctrl) this.ctrl.abort();
+    this.ctrl = null;
+    this.connecting = false;
+    this.setState("paused", "paused");
   },
 
   setState(state, label) {
@@ -234,6 +261,7 @@ const stream = {
   async connect() {
     const ctrl = new AbortController();
     this.ctrl = ctrl;
+    this.connecting = true;
     const headers = authHeaders({ Accept: "text/event-stream" });
     if (this.lastSeq !== null) headers["Last-Event-ID"] = String(this.lastSeq);
     let resp;
@@ -241,13 +269,16 @@ const stream = {
       resp = await fetch("/api/events", { headers, signal: ctrl.signal, cache: "no-store" });
     } catch (_) {
       if (ctrl.signal.aborted) return;
+      this.connecting = false;
       this.retry();
       return;
     }
+    this.connecting = false;
+    if (ctrl.signal.aborted) return;
     if (resp.status === 401) {
       this.setState("token", "needs token");
       askToken("This appliance asks for an API token (CRUCIBLE_API_TOKEN).")
-        .then((ok) => { if (ok && this.ctrl === ctrl) this.connect(); });
+        .then((ok) => { if (ok) this.restart(); });
       return;
     }
     if (!resp.ok || !resp.body) {
@@ -255,15 +286,21 @@ const stream = {
       return;
     }
     this.setState("live", "live");
-    this.backoff = 500;
     if (this.readyResolve) { this.readyResolve(); this.readyResolve = null; }
     const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
     let buf = "";
+    let pendingCr = false;
     try {
       for (;;) {
         const { value, done } = await reader.read();
         if (done) break;
-        buf += value.replace(/\r\n?/g, "\n");
+        // The backoff resets only once the server really streams (not on bare headers).
+        this.backoff = 500;
+        // A CR at a chunk's end may be the first half of CRLF: keep it for the next one.
+        let chunk = (pendingCr ? "\r" : "") + value;
+        pendingCr = chunk.endsWith("\r");
+        if (pendingCr) chunk = chunk.slice(0, -1);
+        buf += chunk.replace(/\r\n?/g, "\n");
         let i;
         while ((i = buf.indexOf("\n\n")) >= 0) {
           const block = buf.slice(0, i);
@@ -283,8 +320,9 @@ const stream = {
     const data = [];
     for (const line of block.split("\n")) {
       if (line.startsWith(":")) {
-        // The greeting names the head; resume from it if the stream drops before any event.
-        const m = /head (\d+)/.exec(line);
+        // The greeting names where the stream starts; resume there if it drops before
+        // any event.
+        const m = /after (\d+)/.exec(line);
         if (m && this.lastSeq === null) this.lastSeq = Number(m[1]);
         continue;
       }
@@ -299,6 +337,8 @@ const stream = {
     if (!data.length) return;
     let ev;
     try { ev = JSON.parse(data.join("\n")); } catch (_) { return; }
+    // When it started by this browser's clock: elapsed time immune to clock skew.
+    if (ev && ev.type === "evaluation:started" && !startedHere.has(ev.eval_id)) startedHere.set(ev.eval_id, Date.now());
     if (ev && ev.data) upsert(ev.data);
     onEvent(ev);
   },
@@ -362,7 +402,9 @@ function progressText(rec) {
   switch (rec.status) {
     case "queued": return "waiting for a worker";
     case "running": {
-      const t = Date.parse(rec.started_at);
+      // Seen starting here: this clock; opened while running: the server's start time.
+      const here = startedHere.get(rec.eval_id);
+      const t = here !== undefined ? here : Date.parse(rec.started_at);
       const secs = Number.isNaN(t) ? 0 : Math.max(0, (Date.now() - t) / 1000);
       return `running for ${secs.toFixed(1)} s`;
     }
@@ -405,7 +447,9 @@ function parseHash() {
   const [path, q] = h.split("?");
   const parts = path.split("/").filter(Boolean);
   const view = views.includes(parts[0]) ? parts[0] : "run";
-  return { view, arg: parts[1] ? decodeURIComponent(parts[1]) : null, query: new URLSearchParams(q || "") };
+  let arg = null;
+  try { arg = parts[1] ? decodeURIComponent(parts[1]) : null; } catch (_) { arg = parts[1]; }
+  return { view, arg, query: new URLSearchParams(q || "") };
 }
 
 function show(next) {
@@ -424,8 +468,9 @@ function show(next) {
 }
 
 function onRouteChange(focus) {
+  const before = route.view;
   show(parseHash());
-  if (focus) $(`#view-${route.view} h1`).focus({ preventScroll: false });
+  if (focus && route.view !== before) $(`#view-${route.view} h1`).focus({ preventScroll: false });
 }
 
 // ---------------------------------------------------------------- Run view
@@ -436,7 +481,7 @@ function restoreCurrent() {
   if (!currentId) return;
   const rec = records.get(currentId);
   if (rec) renderRecord($("#run-result"), rec);
-  else loadRecord(currentId).then((r) => r && renderRecord($("#run-result"), r)).catch(() => {});
+  else loadRecord(currentId).catch(() => {}); // the record listener draws it
 }
 
 async function submitRun(ev) {
@@ -513,7 +558,7 @@ async function loadLanguages() {
 
 // ---------------------------------------------------------------- History view
 
-const hist = { cursors: [null], page: 0, status: "", rows: [], next: null, loading: false };
+const hist = { cursors: [null], page: 0, status: "", rows: [], next: null, loading: false, seq: 0, reload: null };
 
 function openHistory() {
   const status = route.query.get("status") || "";
@@ -522,23 +567,37 @@ function openHistory() {
   loadHistory();
 }
 
+/** Load the current page; only the newest request's answer is drawn. */
 async function loadHistory() {
+  const seq = ++hist.seq;
+  clearTimeout(hist.reload);
   const params = new URLSearchParams({ limit: String(PAGE_SIZE) });
   if (hist.status) params.set("status", hist.status);
   const cursor = hist.cursors[hist.page];
   if (cursor) params.set("cursor", cursor);
   $("#history-error").textContent = "";
   hist.loading = true;
+  hist.next = null;
+  drawPaging();
   try {
     const page = await api("GET", `/api/evaluations?${params}`);
+    if (seq !== hist.seq) return;
+    // upsert keeps a newer version that an event brought while this was in flight.
     hist.rows = page.evaluations.map((r) => upsert(r) || r);
     hist.next = page.next_cursor;
     drawHistory();
   } catch (e) {
+    if (seq !== hist.seq) return;
     $("#history-error").textContent = e.describe ? e.describe() : e.message;
   } finally {
-    hist.loading = false;
+    if (seq === hist.seq) { hist.loading = false; drawPaging(); }
   }
+}
+
+/** Reload the page soon (coalescing bursts of events). */
+function scheduleHistoryReload() {
+  clearTimeout(hist.reload);
+  hist.reload = setTimeout(loadHistory, 300);
 }
 
 function historyRow(rec) {
@@ -553,33 +612,50 @@ function historyRow(rec) {
     el("td", { class: "num", "data-label": "Exit", text: rec.exit_code ?? "—" }));
 }
 
+function drawPaging() {
+  $("#history-prev").disabled = hist.loading || hist.page === 0;
+  $("#history-first").disabled = hist.loading || hist.page === 0;
+  $("#history-next").disabled = hist.loading || !hist.next;
+}
+
 function drawHistory() {
   $("#history-rows").replaceChildren(...hist.rows.map(historyRow));
   $("#history-empty").hidden = hist.rows.length > 0;
-  $("#history-prev").disabled = hist.page === 0;
-  $("#history-first").disabled = hist.page === 0;
-  $("#history-next").disabled = !hist.next;
+  drawPaging();
 }
 
 function historyOnRecord(rec, old) {
-  if (route.view !== "history" || hist.loading) return;
+  if (route.view !== "history") return;
+  if (hist.loading) { scheduleHistoryReload(); return; }
   const i = hist.rows.findIndex((r) => r.eval_id === rec.eval_id);
   if (i >= 0) {
+    if (hist.status && rec.status !== hist.status) {
+      // It left the filtered status: drop it now, refill the page from the server.
+      hist.rows.splice(i, 1);
+      drawHistory();
+      scheduleHistoryReload();
+      return;
+    }
     hist.rows[i] = rec;
     const tr = $(`#history-rows tr[data-eval-id="${CSS.escape(rec.eval_id)}"]`);
     if (tr) tr.replaceWith(historyRow(rec));
     return;
   }
-  // A new evaluation: show it on the first page when it matches the filter.
-  if (!old && hist.page === 0 && (!hist.status || hist.status === rec.status) && rec.status === "queued") {
+  if (hist.page !== 0 || (old && old.status === rec.status)) return;
+  if (hist.status && rec.status !== hist.status) return;
+  if (!hist.status && rec.status === "queued" && !old) {
+    // A new evaluation is the newest of all: it goes on top of the first page.
     hist.rows.unshift(rec);
     if (hist.rows.length > PAGE_SIZE) {
       hist.rows.pop();
-      // The page now has an older neighbour whose cursor only the server knows.
-      if (!hist.next) { loadHistory(); return; }
+      // The cursor is the last row's eval_id: the next page starts after the new last row.
+      hist.next = hist.rows[hist.rows.length - 1].eval_id;
     }
     drawHistory();
+    return;
   }
+  // It entered the filtered status: where it belongs, only the server knows.
+  scheduleHistoryReload();
 }
 
 function setupHistory() {
@@ -616,6 +692,7 @@ async function openEval(id) {
     const rec = await loadRecord(id);
     if (route.view === "eval" && route.arg === id) drawEval(records.get(id) || rec);
   } catch (e) {
+    if (route.view !== "eval" || route.arg !== id) return;
     $("#eval-error").textContent = e.status === 404 ? `No evaluation with id ${id}.` : (e.describe ? e.describe() : e.message);
   }
 }
@@ -651,6 +728,12 @@ function setupEval() {
 
 let healthAt = 0;
 let healthTimer = null;
+
+// Health is not an event (a sink reconnecting, an outbox growing older): while the view is
+// on screen it is also refreshed every 15 s. Evaluations never are: they come as events.
+setInterval(() => {
+  if (route.view === "health" && document.visibilityState === "visible" && Date.now() - healthAt > 14000) refreshHealth();
+}, 15000);
 
 /** Refresh health now, or at most once a second while events arrive. */
 function scheduleHealth() {
@@ -708,8 +791,9 @@ async function refreshHealth() {
   cards.push(card(`Executor: ${x.backend || "?"}`, x.ok, kv([
     ["state", x.detail], ...Object.entries(x.languages || {}).map(([k, v]) => [k, v]),
   ])));
-  cards.push(card("Redis", h.redis ? h.redis.ok : null, h.redis ? kv(flatPairs(h.redis)) : el("p", { class: "muted", text: "Not configured (REDIS_URL)." })));
-  cards.push(card("PostgreSQL", h.postgres ? h.postgres.ok : null, h.postgres ? kv(flatPairs(h.postgres)) : el("p", { class: "muted", text: "Not configured (DATABASE_URL)." })));
+  const up = (o) => (o ? (o.ok ?? o.connected ?? null) : null);
+  cards.push(card("Redis", up(h.redis), h.redis ? kv(flatPairs(h.redis)) : el("p", { class: "muted", text: "Not configured (REDIS_URL)." })));
+  cards.push(card("PostgreSQL", up(h.postgres), h.postgres ? kv(flatPairs(h.postgres)) : el("p", { class: "muted", text: "Not configured (DATABASE_URL)." })));
   const sinks = Object.values(h.sinks || {});
   const table = el("table", { class: "sinks" },
     el("caption", { class: "visually-hidden", text: "Outbox delivery per sink" }),
@@ -738,23 +822,34 @@ function onEvent(_ev) {
 recordListeners.add((rec, old) => {
   if (route.view === "run" && rec.eval_id === currentId) {
     renderRecord($("#run-result"), rec);
-    if (TERMINAL.has(rec.status) && (!old || old.status !== rec.status)) announce(`Evaluation ${rec.status}`);
+    if (old && old.status !== rec.status) announce(`Evaluation ${rec.status}`);
   }
-  if (route.view === "eval" && rec.eval_id === route.arg && !$("#eval-source").hidden) drawEval(rec);
+  if (route.view === "eval" && rec.eval_id === route.arg && !$("#eval-source").hidden) {
+    drawEval(rec);
+    if (old && old.status !== rec.status) announce(`Evaluation ${rec.status}`);
+  }
   historyOnRecord(rec, old);
 });
 
 document.addEventListener("DOMContentLoaded", () => {
   updateTokenButton();
   $("#token-button").addEventListener("click", async () => {
-    if (await askToken()) { stream.restart(); onRouteChange(false); }
+    if (await askToken()) { stream.restart(true); onRouteChange(false); }
   });
   $("#health-refresh").addEventListener("click", refreshHealth);
   for (const h of document.querySelectorAll(".view h1")) h.setAttribute("tabindex", "-1");
   setupEditor();
   setupHistory();
   setupEval();
-  window.addEventListener("hashchange", () => onRouteChange(true));
+  window.addEventListener("hashchange", () => {
+    // Only "#/..." addresses are views; "#main" (the skip link) is not.
+    if (location.hash === "" || location.hash.startsWith("#/")) onRouteChange(true);
+  });
+  $(".skip").addEventListener("click", (e) => { e.preventDefault(); $("#main").focus(); });
+  document.addEventListener("visibilitychange", () => {
+    if (document.visibilityState === "hidden") stream.pause();
+    else stream.restart();
+  });
   stream.start();
   loadLanguages();
   onRouteChange(false);

@@ -173,10 +173,10 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> Handled {
     match segs.as_slice() {
         [""] if get => ("/", ui::asset("index.html", req.headers())),
         ["ui", file] if get => ("/ui/{file}", ui::asset(file, req.headers())),
-        [""] | ["ui", _] => ("/", Err(ApiError::method_not_allowed("GET"))),
+        [""] | ["ui", _] => ("/", Err(ApiError::method_not_allowed("GET, HEAD"))),
         ["health"] if get => ("/health", Ok(api::health(state).await)),
-        ["health"] => ("/health", Err(ApiError::method_not_allowed("GET"))),
-        ["metrics"] => guarded!("/metrics", get, "GET", Ok(api::metrics(state).await)),
+        ["health"] => ("/health", Err(ApiError::method_not_allowed("GET, HEAD"))),
+        ["metrics"] => guarded!("/metrics", get, "GET, HEAD", Ok(api::metrics(state).await)),
         ["api", "openapi.json"] if get => ("/api/openapi.json", Ok(api::openapi())),
         ["api", "eval"] => guarded!("/api/eval", post, "POST", api::submit(state, req).await),
         ["api", "eval-batch"] => {
@@ -192,13 +192,18 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> Handled {
             guarded!(
                 "/api/eval-status/{id}",
                 get,
-                "GET",
+                "GET, HEAD",
                 api::get_eval(state, &id)
             )
         }
         ["api", "eval", id] => {
             let id = id.to_string();
-            guarded!("/api/eval/{id}", get, "GET", api::get_eval(state, &id))
+            guarded!(
+                "/api/eval/{id}",
+                get,
+                "GET, HEAD",
+                api::get_eval(state, &id)
+            )
         }
         ["api", "eval", id, "cancel"] => {
             let id = id.to_string();
@@ -213,13 +218,13 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> Handled {
             guarded!(
                 "/api/evaluations",
                 get,
-                "GET",
+                "GET, HEAD",
                 api::list(state, req.uri().query())
             )
         }
-        ["api", "events"] => guarded!("/api/events", get, "GET", sse::events(state, &req)),
+        ["api", "events"] => guarded!("/api/events", get, "GET, HEAD", sse::events(state, &req)),
         ["api", "admin", "sinks"] => {
-            guarded!("/api/admin/sinks", get, "GET", Ok(api::sinks(state)))
+            guarded!("/api/admin/sinks", get, "GET, HEAD", Ok(api::sinks(state)))
         }
         ["api", "admin", "sinks", name, "replay"] => {
             let name = name.to_string();
@@ -233,7 +238,7 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> Handled {
         ["api", "admin", "dead-letters"] => guarded!(
             "/api/admin/dead-letters",
             get,
-            "GET",
+            "GET, HEAD",
             api::dead_letters(state, req.uri().query())
         ),
         ["api", "admin", "backup"] => {

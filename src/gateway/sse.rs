@@ -76,8 +76,10 @@ async fn pump(
     let keepalive = Duration::from_secs(st.cfg.http.sse_keepalive_secs);
     let mut head_rx = st.store.subscribe_head();
     let oldest = st.store.oldest_seq().unwrap_or(1);
+    // `after N`: the stream continues after seq N (a client that drops before the first
+    // event resumes from there); `head`: the newest seq right now.
     let mut hello = format!(
-        "retry: 2000\n: crucible event stream; head {}\n",
+        "retry: 2000\n: crucible event stream; after {cursor}; head {}\n",
         st.store.head()
     );
     if cursor + 1 < oldest {

@@ -66,22 +66,29 @@ fn gzipped(path: &str, data: &[u8]) -> Option<Bytes> {
 }
 
 fn accepts_gzip(headers: &HeaderMap) -> bool {
-    headers
+    // (named gzip?, q) per listed coding; an explicit `gzip` entry wins over `*`.
+    let mut gzip: Option<bool> = None;
+    let mut star: Option<bool> = None;
+    for enc in headers
         .get_all(ACCEPT_ENCODING)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|enc| {
-            let mut parts = enc.split(';');
-            let name = parts.next().unwrap_or("").trim();
-            let refused = parts.any(|p| {
-                p.trim()
-                    .strip_prefix("q=")
-                    .and_then(|q| q.trim().parse::<f32>().ok())
-                    .is_some_and(|q| q == 0.0)
-            });
-            (name.eq_ignore_ascii_case("gzip") || name == "*") && !refused
-        })
+    {
+        let mut parts = enc.split(';');
+        let name = parts.next().unwrap_or("").trim();
+        let refused = parts.any(|p| {
+            let p = p.trim();
+            (p.starts_with("q=") || p.starts_with("Q="))
+                && p[2..].trim().parse::<f32>().is_ok_and(|q| q == 0.0)
+        });
+        if name.eq_ignore_ascii_case("gzip") {
+            gzip = Some(!refused);
+        } else if name == "*" {
+            star = Some(!refused);
+        }
+    }
+    gzip.or(star).unwrap_or(false)
 }
 
 fn etag_matches(headers: &HeaderMap, etag: &str) -> bool {
@@ -173,6 +180,9 @@ mod tests {
         assert!(!accepts_gzip(&hdrs(&[("accept-encoding", "gzip;q=0")])));
         assert!(!accepts_gzip(&hdrs(&[("accept-encoding", "identity")])));
         assert!(!accepts_gzip(&HeaderMap::new()));
+        assert!(!accepts_gzip(&hdrs(&[("accept-encoding", "gzip;q=0, *")])));
+        assert!(!accepts_gzip(&hdrs(&[("accept-encoding", "gzip; Q=0")])));
+        assert!(accepts_gzip(&hdrs(&[("accept-encoding", "*")])));
     }
 
     #[test]

@@ -282,13 +282,15 @@ async fn unknown_ids_routes_and_wrong_methods() {
         (Method::PUT, "/api/eval".into(), "POST"),
         (Method::DELETE, "/api/eval".into(), "POST"),
         (Method::GET, "/api/eval-batch".into(), "POST"),
-        (Method::POST, format!("/api/eval/{ID}"), "GET"),
-        (Method::DELETE, format!("/api/eval/{ID}"), "GET"),
+        (Method::POST, format!("/api/eval/{ID}"), "GET, HEAD"),
+        (Method::DELETE, format!("/api/eval/{ID}"), "GET, HEAD"),
         (Method::GET, format!("/api/eval/{ID}/cancel"), "POST"),
-        (Method::POST, format!("/api/eval-status/{ID}"), "GET"),
-        (Method::POST, "/api/evaluations".into(), "GET"),
-        (Method::POST, "/api/events".into(), "GET"),
-        (Method::POST, "/health".into(), "GET"),
+        (Method::POST, format!("/api/eval-status/{ID}"), "GET, HEAD"),
+        (Method::POST, "/api/evaluations".into(), "GET, HEAD"),
+        (Method::POST, "/api/events".into(), "GET, HEAD"),
+        (Method::POST, "/health".into(), "GET, HEAD"),
+        (Method::POST, "/".into(), "GET, HEAD"),
+        (Method::DELETE, "/ui/app.js".into(), "GET, HEAD"),
     ];
     for (m, path, allow) in wrong {
         let what = format!("{m} {path}");
