@@ -430,6 +430,19 @@ async fn ui_submit_watch_cancel_browse_in_chromium() {
         );
     }
     assert!(cards.iter().any(|c| c.starts_with("Executor")), "{cards:?}");
+    // Keyboard: the skip link moves focus to the content and keeps the view.
+    c.find(Locator::Css(".skip"))
+        .await
+        .expect("skip link")
+        .send_keys("\u{E007}")
+        .await
+        .expect("enter on the skip link");
+    let after = js(
+        &c,
+        "return [location.hash, document.activeElement.id, document.querySelector('#view-health').hidden]",
+    )
+    .await;
+    assert_eq!(after, json!(["#/health", "main", false]), "skip link");
 
     // 7. Phone width: nothing wider than the screen.
     c.set_window_size(390, 844).await.expect("resize");
