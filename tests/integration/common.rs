@@ -311,6 +311,30 @@ impl Server {
         self.get("/health").await.json().expect("health json")
     }
 
+    /// A Prometheus value from /metrics: the sum over the series of `name` whose labels
+    /// contain `labels` (e.g. `route="/api/eval/{id}"`; "" for every series), or `None`
+    /// when there is no such series.
+    pub async fn metric(&self, name: &str, labels: &str) -> Option<f64> {
+        let text = self.get("/metrics").await.text();
+        let values: Vec<f64> = text
+            .lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix(name)?;
+                let (series_labels, value) = match rest.strip_prefix('{') {
+                    Some(r) => r.split_once("} ")?,
+                    None => ("", rest.strip_prefix(' ')?),
+                };
+                series_labels.contains(labels).then_some(value)
+            })
+            .map(|v| {
+                v.trim()
+                    .parse::<f64>()
+                    .unwrap_or_else(|e| panic!("metric {name}: value `{v}`: {e}"))
+            })
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum())
+    }
+
     /// Wait until `sink` has delivered everything up to the durable head; returns it.
     pub async fn wait_sink_caught_up(&self, sink: &str) -> u64 {
         let started = Instant::now();

@@ -222,16 +222,11 @@ async fn running_container(s: &Server, node: &str, eval: &str) -> (String, Value
     (cid, c)
 }
 
-/// A metric of /metrics without labels.
+/// A metric of /metrics; fails the test when the server does not export it.
 async fn metric(s: &Server, name: &str) -> f64 {
-    let text = s.get("/metrics").await.text();
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(name)
-                .and_then(|rest| rest.strip_prefix(' '))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-        })
-        .unwrap_or_else(|| panic!("metric {name} missing from /metrics:\n{text}"))
+    s.metric(name, "")
+        .await
+        .unwrap_or_else(|| panic!("metric {name} missing from /metrics"))
 }
 
 /// The server answers /health, runs an ordinary evaluation to completion, and leaves no

@@ -105,17 +105,9 @@ async fn wait_responder(admin: &Client, server: &Server) {
     wait_subscribed(admin, REQUESTS, || server.log()).await;
 }
 
-/// A Prometheus value: the sum over every series of `name` (labeled or not).
+/// A Prometheus value: the sum over every series of `name` (labeled or not); 0 if none.
 async fn metric(server: &Server, name: &str) -> u64 {
-    let text = server.get("/metrics").await.text();
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next())
-        .map(|v| v.parse::<f64>().expect("numeric metric value") as u64)
-        .sum()
+    server.metric(name, "").await.unwrap_or(0.0) as u64
 }
 
 /// The eval_id of every evaluation, all pages of `GET /api/evaluations`, newest first.

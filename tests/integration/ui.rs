@@ -153,12 +153,12 @@ async fn js(c: &Client, script: &str) -> Value {
 
 /// Requests the server counted for `route` (from /metrics).
 async fn route_count(s: &Server, route: &str) -> u64 {
-    let m = s.get("/metrics").await;
-    let text = m.text();
-    text.lines()
-        .filter(|l| l.starts_with(&format!("crucible_http_requests_total{{route=\"{route}\"")))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
+    s.metric(
+        "crucible_http_requests_total",
+        &format!("route=\"{route}\""),
+    )
+    .await
+    .unwrap_or(0.0) as u64
 }
 
 async fn click(c: &Client, css: &str) {
