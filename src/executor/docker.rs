@@ -564,15 +564,7 @@ impl DockerExecutor {
                 _ = shutdown.cancelled() => break,
             }
         }
-        // Leave nothing behind (`stop` then removes whatever else carries our label).
-        let ids: Vec<String> = self
-            .warm
-            .lock()
-            .map(|mut w| w.drain().flat_map(|(_, q)| q).collect())
-            .unwrap_or_default();
-        for id in ids {
-            self.remove(&id).await;
-        }
+        // The pool's containers are removed by `stop`, with every other one of this node.
     }
 
     fn reachable(&self) -> bool {
