@@ -178,22 +178,21 @@ async fn wait_text(c: &Client, css: &str, want: &str) {
     .await;
 }
 
-/// The eval ids of the history rows; with `at_least > 0`, waits until there are that many.
-async fn wait_rows(c: &Client, at_least: usize) -> Vec<String> {
-    let read = || async {
-        let v = js(
-            c,
-            "return [...document.querySelectorAll('#history-rows tr')].map(r => r.dataset.evalId)",
-        )
-        .await;
-        serde_json::from_value::<Vec<String>>(v).unwrap_or_default()
-    };
-    if at_least == 0 {
-        return read().await;
-    }
-    until(c, &format!("{at_least} history rows"), || async {
-        let rows = read().await;
-        (rows.len() >= at_least).then_some(rows)
+/// The eval ids of the history rows, top to bottom.
+async fn history_rows(c: &Client) -> Vec<String> {
+    let v = js(
+        c,
+        "return [...document.querySelectorAll('#history-rows tr')].map(r => r.dataset.evalId)",
+    )
+    .await;
+    serde_json::from_value::<Vec<String>>(v).unwrap_or_default()
+}
+
+/// Wait until the history shows at least `n` rows; returns their eval ids.
+async fn wait_rows(c: &Client, n: usize) -> Vec<String> {
+    until(c, &format!("{n} history rows"), || async {
+        let rows = history_rows(c).await;
+        (rows.len() >= n).then_some(rows)
     })
     .await
 }
@@ -328,12 +327,7 @@ async fn ui_submit_watch_cancel_browse_in_chromium() {
         .await
         .expect("select");
     until(&c, "the filtered history", || async {
-        let v = js(
-            &c,
-            "return [...document.querySelectorAll('#history-rows tr')].map(r => r.dataset.evalId)",
-        )
-        .await;
-        (v == json!([hi_id])).then_some(())
+        (history_rows(&c).await == [hi_id.clone()]).then_some(())
     })
     .await;
     shot(&c, "06-history-completed-only").await;
@@ -363,7 +357,7 @@ async fn ui_submit_watch_cancel_browse_in_chromium() {
     // The page fills up from the event stream (no reload by the test).
     let newest = all[20].clone();
     until(&c, "the live first page", || async {
-        let rows = wait_rows(&c, 0).await;
+        let rows = history_rows(&c).await;
         (rows.len() == 20 && rows[0] == newest).then_some(())
     })
     .await;
@@ -371,7 +365,7 @@ async fn ui_submit_watch_cancel_browse_in_chromium() {
     let page1 = wait_rows(&c, 20).await;
     click(&c, "#history-next").await;
     until(&c, "the second page", || async {
-        (wait_rows(&c, 0).await.len() == 3).then_some(())
+        (history_rows(&c).await.len() == 3).then_some(())
     })
     .await;
     let page2 = wait_rows(&c, 3).await;
@@ -382,7 +376,7 @@ async fn ui_submit_watch_cancel_browse_in_chromium() {
     assert_eq!(seen, all, "the two pages hold every evaluation once");
     click(&c, "#history-prev").await;
     until(&c, "the first page again", || async {
-        (wait_rows(&c, 0).await == page1).then_some(())
+        (history_rows(&c).await == page1).then_some(())
     })
     .await;
 
@@ -390,7 +384,7 @@ async fn ui_submit_watch_cancel_browse_in_chromium() {
     //    stderr apart, exit code.
     click(&c, "#history-next").await;
     until(&c, "page 2 with print(hi)", || async {
-        wait_rows(&c, 0).await.contains(&hi_id).then_some(())
+        history_rows(&c).await.contains(&hi_id).then_some(())
     })
     .await;
     click(&c, &format!("#history-rows tr[data-eval-id='{hi_id}'] a")).await;
