@@ -719,7 +719,9 @@ impl Drop for PgServer {
 // Hostile-code helpers shared by hostile.rs (sandbox) and docker.rs.
 
 /// Python helpers shared by the programs below: `sleeper(marker)` forks a child that
-/// becomes `/usr/bin/sleep <marker>` (it never runs the rest of the program).
+/// becomes `/usr/bin/sleep <marker>` (it never runs the rest of the program);
+/// `write(path, size)` answers "ok" or the errno's name; `tmp_limits(res)` records in
+/// `res` a write of 3 MiB to /tmp (`big`) and /tmp filled 1 MiB at a time (`fill`).
 pub const PRELUDE: &str = r#"
 import errno, json, os, socket, sys
 
@@ -731,6 +733,24 @@ def sleeper(marker):
         finally:
             os._exit(127)
     return pid
+
+def write(path, size):
+    try:
+        with open(path, "wb") as f:
+            f.write(b"x" * size)
+        return "ok"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+
+def tmp_limits(res):
+    res["big"] = write("/tmp/big", 3 << 20)
+    os.remove("/tmp/big")
+    res["fill"] = "never full"
+    for n in range(64):
+        r = write("/tmp/fill%d" % n, 1 << 20)
+        if r != "ok":
+            res["fill"] = r
+            break
 "#;
 
 /// A program: the prelude, then `body` with each placeholder replaced by its value.

@@ -461,14 +461,6 @@ import shutil, subprocess
 def err(e):
     return errno.errorcode.get(e.errno, str(e.errno))
 
-def write(path, size):
-    try:
-        with open(path, "wb") as f:
-            f.write(b"x" * size)
-        return "ok"
-    except OSError as e:
-        return err(e)
-
 res = {}
 for d in ["/", "/usr", "/etc", "/bin", "/var", "/var/tmp", "/run/lock"]:
     res[d] = write(os.path.join(d, "crucible-probe"), 10)
@@ -486,14 +478,7 @@ except OSError as e:
     res["exec_tmp"] = err(e)
 os.remove("/tmp/true")
 res["tmp_mount"] = [l for l in open("/proc/mounts").read().splitlines() if l.split()[1] == "/tmp"]
-res["big"] = write("/tmp/big", 3 << 20)
-os.remove("/tmp/big")
-res["fill"] = "never full"
-for n in range(64):
-    r = write("/tmp/fill%d" % n, 1 << 20)
-    if r != "ok":
-        res["fill"] = r
-        break
+tmp_limits(res)
 print(json.dumps(res))
 "#,
         &[],

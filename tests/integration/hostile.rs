@@ -145,26 +145,11 @@ async fn filesystem_is_read_only_except_a_capped_tmp() {
     let server = Server::start("[limits]\ntmp_mb = 4\nmax_file_mb = 2").await;
     let code = program(
         r#"
-def write(path, size):
-    try:
-        with open(path, "wb") as f:
-            f.write(b"x" * size)
-        return "ok"
-    except OSError as e:
-        return errno.errorcode.get(e.errno, str(e.errno))
-
 res = {}
 for d in ["/usr", "/etc", "/", "/code", "/tmp"]:
     res[d] = write(os.path.join(d, "crucible-probe"), 10)
 res["/code/main.py"] = write("/code/main.py", 10)
-res["big"] = write("/tmp/big", 3 << 20)
-os.remove("/tmp/big")
-res["fill"] = "never full"
-for n in range(64):
-    r = write("/tmp/fill%d" % n, 1 << 20)
-    if r != "ok":
-        res["fill"] = r
-        break
+tmp_limits(res)
 print(json.dumps(res))
 "#,
         &[],
