@@ -196,6 +196,13 @@ pub(crate) struct Command {
 pub struct Shared {
     /// Last seq covered by a completed flush.
     pub head: AtomicU64,
+    /// Last seq of the batch handed to sled: visible to reads at once, durable only once
+    /// `head` reaches it. Records change only together with an event, so a read that
+    /// waits for `head >= applying` answers nothing a crash could take back.
+    pub applying: AtomicU64,
+    /// Signalled (with `flushed`) after every batch, flushed or failed.
+    pub flushed: std::sync::Condvar,
+    pub flushed_lock: Mutex<()>,
     pub queue_depth: AtomicU64,
     pub running: AtomicU64,
     pub healthy: AtomicBool,
@@ -276,6 +283,7 @@ impl Store {
 
         let shared = Arc::new(Shared::default());
         shared.head.store(counts.head, Ordering::SeqCst);
+        shared.applying.store(counts.head, Ordering::SeqCst);
         shared.queue_depth.store(counts.queued, Ordering::SeqCst);
         shared.running.store(counts.running, Ordering::SeqCst);
         shared.healthy.store(true, Ordering::SeqCst);
@@ -509,9 +517,40 @@ impl Store {
 
     // ---- reads -------------------------------------------------------------------
 
-    /// One evaluation by id.
+    /// Wait (at most one flush, normally a few ms) until everything a read just made
+    /// may have seen is flushed. sled shows a batch as soon as it is applied; without
+    /// this a reader could see `running` (or `completed`) that a crash before the flush
+    /// takes back. Gives up after 5 s (a stuck disk): the store is then unhealthy.
+    fn settle(&self) {
+        let sh = &self.shared;
+        let target = sh.applying.load(Ordering::SeqCst);
+        if sh.head.load(Ordering::SeqCst) >= target {
+            return;
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let Ok(mut guard) = sh.flushed_lock.lock() else {
+            return;
+        };
+        // A failed batch lowers `applying` back to `head`: nothing more will come.
+        while sh.head.load(Ordering::SeqCst) < target
+            && sh.applying.load(Ordering::SeqCst) >= target
+        {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            match sh.flushed.wait_timeout(guard, left) {
+                Ok((g, _)) => guard = g,
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// One evaluation by id (as flushed: see [`Store::settle`]).
     pub fn get(&self, eval_id: &str) -> Result<Option<Evaluation>, StoreError> {
-        match self.tree.get(keys::eval(eval_id))? {
+        let raw = self.tree.get(keys::eval(eval_id))?;
+        self.settle();
+        match raw {
             Some(v) => Ok(Some(decode(&v)?)),
             None => Ok(None),
         }
@@ -589,6 +628,7 @@ impl Store {
         } else {
             None
         };
+        self.settle();
         Ok((out, next))
     }
 

@@ -150,6 +150,8 @@ impl Writer {
         let batch = p.batch;
 
         let stats = &self.shared.stats;
+        // Readers wait for the flush of anything they may see from here on.
+        self.shared.applying.store(new_seq, Ordering::SeqCst);
         let applied = self.tree.apply_batch(batch);
         crate::ops::failpoint::hit("store.before_flush");
         let t = Instant::now();
@@ -195,6 +197,9 @@ impl Writer {
                 }
                 // Re-read what is actually there so counters and seqs stay truthful.
                 self.resync();
+                // Nothing more is coming for this batch: readers stop waiting for it.
+                let head = self.shared.head.load(Ordering::SeqCst);
+                self.shared.applying.store(head, Ordering::SeqCst);
                 for (reply, _) in replies {
                     let _ = reply.send(Err(StoreError::Storage(msg.clone())));
                 }
@@ -202,6 +207,10 @@ impl Writer {
                     let _ = reply.send(Err(StoreError::Storage(msg.clone())));
                 }
             }
+        }
+        // Wake the readers waiting in `Store::settle` for this flush.
+        if let Ok(_guard) = self.shared.flushed_lock.lock() {
+            self.shared.flushed.notify_all();
         }
     }
 
