@@ -1,17 +1,84 @@
-//! The error of an operation: an HTTP status, a stable machine code, a message, and for
-//! validation errors the offending field. Every transport renders it its own way (HTTP:
-//! `{"error": {"code", "message", "field"?}}`; Redis request/reply: `error` +
-//! `error_code`), with the same code.
+//! The error of an operation: a stable machine [`Code`] (which fixes the HTTP status), a
+//! message, and for validation errors the offending field. Every transport renders it its
+//! own way (HTTP: `{"error": {"code", "message", "field"?}}`; Redis request/reply:
+//! `error` + `error_code`), from the same table.
+//!
+//! A new stable code is one line in [`codes!`] below. This module depends on nothing of
+//! the product; the modules whose errors map to codes (model, store) implement the
+//! conversion next to their own error types.
 
-use crate::model::FieldError;
-use crate::store::StoreError;
 use http::StatusCode;
+
+macro_rules! codes {
+    ($($(#[$doc:meta])* $variant:ident => $status:ident, $name:literal;)*) => {
+        /// Every stable error code, with its HTTP status and its wire name.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum Code {
+            $($(#[$doc])* $variant,)*
+        }
+
+        impl Code {
+            /// Every code, for docs and tests.
+            pub const ALL: &'static [Code] = &[$(Code::$variant,)*];
+
+            /// The wire name (`error.code`).
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Code::$variant => $name,)*
+                }
+            }
+
+            /// The HTTP status this code is answered with.
+            pub fn status(self) -> StatusCode {
+                match self {
+                    $(Code::$variant => StatusCode::$status,)*
+                }
+            }
+        }
+    };
+}
+
+codes! {
+    /// The request could not be read (broken body, bad header).
+    BadRequest => BAD_REQUEST, "bad_request";
+    /// The body is not valid JSON.
+    MalformedJson => BAD_REQUEST, "malformed_json";
+    /// A bearer token is required and was missing or wrong.
+    Unauthorized => UNAUTHORIZED, "unauthorized";
+    /// No such evaluation, sink, page or route.
+    NotFound => NOT_FOUND, "not_found";
+    /// The path exists but not for this method (`Allow` says which).
+    MethodNotAllowed => METHOD_NOT_ALLOWED, "method_not_allowed";
+    /// The evaluation already reached a terminal state.
+    AlreadyTerminal => CONFLICT, "already_terminal";
+    /// The body is larger than `http.max_body_bytes`.
+    PayloadTooLarge => PAYLOAD_TOO_LARGE, "payload_too_large";
+    /// The body is not `application/json`.
+    UnsupportedMediaType => UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type";
+    /// A field is missing, of the wrong type or out of range (`field` names it).
+    InvalidField => UNPROCESSABLE_ENTITY, "invalid_field";
+    /// The language is unknown, or its toolchain is missing on this host.
+    UnsupportedLanguage => UNPROCESSABLE_ENTITY, "unsupported_language";
+    /// More evaluations in one batch than allowed.
+    BatchTooLarge => UNPROCESSABLE_ENTITY, "batch_too_large";
+    /// The replay start is outside the retained event log.
+    ReplayOutOfWindow => UNPROCESSABLE_ENTITY, "replay_out_of_window";
+    /// The backup destination cannot be used.
+    BackupFailed => UNPROCESSABLE_ENTITY, "backup_failed";
+    /// A bug or an unexpected state inside the appliance.
+    Internal => INTERNAL_SERVER_ERROR, "internal";
+    /// The store could not read or write (disk trouble).
+    StoreError => INTERNAL_SERVER_ERROR, "store_error";
+    /// The queue is at `max_queued`; retry after `Retry-After`.
+    QueueFull => SERVICE_UNAVAILABLE, "queue_full";
+    /// The appliance is stopping; retry after `Retry-After` (elsewhere or later).
+    ShuttingDown => SERVICE_UNAVAILABLE, "shutting_down";
+}
 
 /// An error answer.
 #[derive(Debug, Clone)]
 pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
+    pub code: Code,
     pub message: String,
     pub field: Option<String>,
     pub retry_after: Option<u64>,
@@ -20,9 +87,8 @@ pub struct ApiError {
 
 impl ApiError {
     /// A new error.
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
         ApiError {
-            status,
             code,
             message: message.into(),
             field: None,
@@ -31,90 +97,78 @@ impl ApiError {
         }
     }
 
-    pub fn not_found(what: &str) -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("{what} not found"),
-        )
+    /// The HTTP status of this error.
+    pub fn status(&self) -> StatusCode {
+        self.code.status()
     }
 
+    /// Name the field the error is about.
+    pub fn with_field(mut self, field: &str) -> Self {
+        self.field = Some(field.to_string());
+        self
+    }
+
+    /// Ask the client to retry after `secs` seconds.
+    pub fn with_retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
+
+    /// `invalid_field` naming `field`.
+    pub fn invalid_field(field: &str, message: impl Into<String>) -> Self {
+        Self::new(Code::InvalidField, message).with_field(field)
+    }
+
+    /// `not_found`: "<what> not found".
+    pub fn not_found(what: &str) -> Self {
+        Self::new(Code::NotFound, format!("{what} not found"))
+    }
+
+    /// `unauthorized`.
     pub fn unauthorized() -> Self {
         Self::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
+            Code::Unauthorized,
             "a valid `Authorization: Bearer <token>` header is required",
         )
     }
 
+    /// `method_not_allowed` with the methods the path accepts.
     pub fn method_not_allowed(allow: &'static str) -> Self {
-        let mut e = Self::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            format!("this path accepts {allow}"),
-        );
+        let mut e = Self::new(Code::MethodNotAllowed, format!("this path accepts {allow}"));
         e.allow = Some(allow);
         e
     }
 
-    pub fn field(
-        status: StatusCode,
-        code: &'static str,
-        field: &str,
-        message: impl Into<String>,
-    ) -> Self {
-        let mut e = Self::new(status, code, message);
-        e.field = Some(field.to_string());
-        e
-    }
-
+    /// `internal`.
     pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+        Self::new(Code::Internal, message)
+    }
+
+    /// `shutting_down`, with `Retry-After`.
+    pub fn shutting_down() -> Self {
+        Self::new(Code::ShuttingDown, "the appliance is shutting down").with_retry_after(5)
     }
 }
 
-impl From<FieldError> for ApiError {
-    fn from(e: FieldError) -> Self {
-        ApiError::field(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            e.code,
-            &e.field,
-            e.message,
-        )
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
 
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::NotFound => ApiError::not_found("evaluation"),
-            StoreError::QueueFull { .. } => {
-                let mut a =
-                    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "queue_full", e.to_string());
-                a.retry_after = Some(5);
-                a
-            }
-            StoreError::AlreadyTerminal(_) | StoreError::WrongState(..) => {
-                ApiError::new(StatusCode::CONFLICT, "already_terminal", e.to_string())
-            }
-            StoreError::ReplayOutOfWindow { .. } => ApiError::field(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "replay_out_of_window",
-                "from_seq",
-                e.to_string(),
-            ),
-            StoreError::Closed => {
-                let mut a = ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "shutting_down",
-                    "the appliance is shutting down",
-                );
-                a.retry_after = Some(5);
-                a
-            }
-            StoreError::Storage(m) => {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store_error", m)
-            }
+    #[test]
+    fn every_code_has_a_unique_name_and_an_error_status() {
+        let mut seen = HashSet::new();
+        for c in Code::ALL {
+            assert!(seen.insert(c.as_str()), "duplicate code {}", c.as_str());
+            assert!(
+                c.status().is_client_error() || c.status().is_server_error(),
+                "{}",
+                c.as_str()
+            );
+            assert!(c
+                .as_str()
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b == b'_'));
         }
     }
 }

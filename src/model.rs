@@ -2,6 +2,7 @@
 //! submission. Pure data: nothing here touches the store, the network or the clock
 //! except [`now`].
 
+use crate::error::{ApiError, Code};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -187,15 +188,21 @@ pub enum LanguageState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldError {
     pub field: String,
-    pub code: &'static str,
+    pub code: Code,
     pub message: String,
+}
+
+impl From<FieldError> for ApiError {
+    fn from(e: FieldError) -> Self {
+        ApiError::new(e.code, e.message).with_field(&e.field)
+    }
 }
 
 impl FieldError {
     fn new(field: &str, message: impl Into<String>) -> Self {
         FieldError {
             field: field.to_string(),
-            code: "invalid_field",
+            code: Code::InvalidField,
             message: message.into(),
         }
     }
@@ -249,14 +256,14 @@ pub fn validate_submission(
         LanguageState::Unavailable(why) => {
             return Err(FieldError {
                 field: "language".into(),
-                code: "unsupported_language",
+                code: Code::UnsupportedLanguage,
                 message: why,
             })
         }
         LanguageState::Unknown => {
             return Err(FieldError {
                 field: "language".into(),
-                code: "unsupported_language",
+                code: Code::UnsupportedLanguage,
                 message: format!("unknown language `{}`", truncate_for_message(&language)),
             })
         }
@@ -403,7 +410,7 @@ mod tests {
     fn unknown_language_has_its_own_code() {
         let e = validate_submission(&json!({"code": "a", "language": "cobol"}), &rules())
             .expect_err("unknown");
-        assert_eq!(e.code, "unsupported_language");
+        assert_eq!(e.code, Code::UnsupportedLanguage);
         let e = validate_submission(&json!({"code": "a", "language": "ruby"}), &rules())
             .expect_err("missing");
         assert!(e.message.contains("not installed"));

@@ -5,14 +5,13 @@
 //! This module validates and delegates; it never writes state except through the store.
 
 use crate::config::Config;
-use crate::error::ApiError;
+use crate::error::{ApiError, Code};
 use crate::executor::Executor;
 use crate::model::{
     validate_submission, Evaluation, FieldError, NewEvaluation, Status, SubmitRules,
 };
 use crate::queue::Queue;
 use crate::store::{Store, Submitted};
-use http::StatusCode;
 use serde::Serialize;
 use serde_json::Value;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,15 +55,6 @@ pub struct ListQuery {
     pub after: Option<String>,
 }
 
-fn invalid(field: &str, message: impl Into<String>) -> ApiError {
-    ApiError::field(
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "invalid_field",
-        field,
-        message,
-    )
-}
-
 impl ListQuery {
     /// Parse the textual form (HTTP query parameters; Redis payload fields as text).
     /// Empty strings count as absent.
@@ -76,7 +66,7 @@ impl ListQuery {
         let status = match status {
             None | Some("") => None,
             Some(s) => Some(Status::parse(s).ok_or_else(|| {
-                invalid(
+                ApiError::invalid_field(
                     "status",
                     "`status` must be one of queued, running, completed, failed, cancelled",
                 )
@@ -87,7 +77,7 @@ impl ListQuery {
             Some(s) => match s.parse::<usize>() {
                 Ok(n) if (1..=MAX_PAGE).contains(&n) => n,
                 _ => {
-                    return Err(invalid(
+                    return Err(ApiError::invalid_field(
                         "limit",
                         format!("`limit` must be an integer from 1 to {MAX_PAGE}"),
                     ))
@@ -101,7 +91,7 @@ impl ListQuery {
                     && c.bytes()
                         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
                 if !ok {
-                    return Err(invalid(
+                    return Err(ApiError::invalid_field(
                         "cursor",
                         "`cursor` must be a value returned as `next_cursor`",
                     ));
@@ -121,7 +111,7 @@ impl ListQuery {
 /// error (`Idempotency-Key` over HTTP, `idempotency_key` over Redis).
 pub fn check_idempotency_key(key: &str, field: &str) -> Result<String, ApiError> {
     if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
-        return Err(invalid(
+        return Err(ApiError::invalid_field(
             field,
             format!("{field} must be 1 to 255 visible ASCII characters"),
         ));
@@ -148,13 +138,7 @@ impl Service {
 
     fn check_accepting(&self) -> Result<(), ApiError> {
         if self.shutdown.is_cancelled() {
-            let mut e = ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "shutting_down",
-                "the appliance is shutting down",
-            );
-            e.retry_after = Some(5);
-            return Err(e);
+            return Err(ApiError::shutting_down());
         }
         Ok(())
     }
@@ -188,22 +172,34 @@ impl Service {
     pub async fn submit_batch(&self, v: &Value) -> Result<Vec<Submitted>, ApiError> {
         let list = match v.get("evaluations") {
             Some(Value::Array(a)) => a,
-            Some(_) => return Err(invalid("evaluations", "`evaluations` must be an array")),
-            None => return Err(invalid("evaluations", "`evaluations` is required")),
+            Some(_) => {
+                return Err(ApiError::invalid_field(
+                    "evaluations",
+                    "`evaluations` must be an array",
+                ))
+            }
+            None => {
+                return Err(ApiError::invalid_field(
+                    "evaluations",
+                    "`evaluations` is required",
+                ))
+            }
         };
         if list.is_empty() {
-            return Err(invalid("evaluations", "`evaluations` must not be empty"));
+            return Err(ApiError::invalid_field(
+                "evaluations",
+                "`evaluations` must not be empty",
+            ));
         }
         if list.len() > MAX_BATCH {
-            return Err(ApiError::field(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "batch_too_large",
-                "evaluations",
+            return Err(ApiError::new(
+                Code::BatchTooLarge,
                 format!(
                     "at most {MAX_BATCH} evaluations per batch; got {}",
                     list.len()
                 ),
-            ));
+            )
+            .with_field("evaluations"));
         }
         let mut news = Vec::with_capacity(list.len());
         for (i, item) in list.iter().enumerate() {
@@ -235,7 +231,7 @@ impl Service {
             .store
             .list(q.status, q.limit, q.after.as_deref())
             .map_err(|e| match e {
-                crate::store::StoreError::NotFound => invalid(
+                crate::store::StoreError::NotFound => ApiError::invalid_field(
                     "cursor",
                     "`cursor` must be a value returned as `next_cursor`",
                 ),

@@ -1,6 +1,7 @@
 //! JSON handlers of the API.
 
 use super::{bytes_response, json_response, ApiError, Body, State};
+use crate::error::Code;
 use crate::ops::metrics::{rss_bytes, Exposition};
 use crate::service::{check_idempotency_key, ListQuery};
 use bytes::Bytes;
@@ -47,16 +48,14 @@ async fn read_json(state: &State, req: Request<Incoming>) -> Result<JsonBody, Ap
         .to_ascii_lowercase();
     if mime != "application/json" {
         return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
+            Code::UnsupportedMediaType,
             "the body must be JSON with `Content-Type: application/json`",
         ));
     }
     let cap = state.cfg.http.max_body_bytes;
     let too_large = || {
         ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
+            Code::PayloadTooLarge,
             format!("the body is larger than {cap} bytes"),
         )
     };
@@ -86,16 +85,14 @@ async fn read_json(state: &State, req: Request<Incoming>) -> Result<JsonBody, Ap
                 return Err(too_large());
             }
             return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
+                Code::BadRequest,
                 format!("cannot read the body: {e}"),
             ));
         }
     };
     let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "malformed_json",
+            Code::MalformedJson,
             format!("the body is not valid JSON: {e}"),
         )
     })?;
@@ -488,12 +485,7 @@ pub async fn replay(
         .get("from_seq")
         .and_then(|f| f.as_u64())
         .ok_or_else(|| {
-            ApiError::field(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_field",
-                "from_seq",
-                "`from_seq` must be a positive integer",
-            )
+            ApiError::invalid_field("from_seq", "`from_seq` must be a positive integer")
         })?;
     match state.outbox.replay(name, from).await {
         Ok(cursor) => {
@@ -515,9 +507,7 @@ pub fn dead_letters(state: &State, query: Option<&str>) -> Result<Response<Body>
         Some(l) => match l.parse::<usize>() {
             Ok(n) if (1..=1000).contains(&n) => n,
             _ => {
-                return Err(ApiError::field(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "invalid_field",
+                return Err(ApiError::invalid_field(
                     "limit",
                     "`limit` must be an integer from 1 to 1000",
                 ))
@@ -548,24 +538,14 @@ pub async fn backup(
         }
         Some(Value::String(p)) if p.starts_with('/') => std::path::PathBuf::from(p),
         Some(_) => {
-            return Err(ApiError::field(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_field",
+            return Err(ApiError::invalid_field(
                 "path",
                 "`path` must be an absolute directory path (missing or empty)",
             ))
         }
     };
-    match state.store.backup(dest).await {
-        Ok(info) => Ok(json_response(StatusCode::OK, &to_value(&info))),
-        Err(crate::store::StoreError::Storage(m)) => Err(ApiError::field(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "backup_failed",
-            "path",
-            m,
-        )),
-        Err(e) => Err(e.into()),
-    }
+    let info = state.store.backup(dest).await?;
+    Ok(json_response(StatusCode::OK, &to_value(&info)))
 }
 
 pub fn pause_resume(state: &State, action: &str) -> Response<Body> {

@@ -7,7 +7,7 @@
 
 use super::{ApiError, Body, State};
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use std::convert::Infallible;
@@ -28,9 +28,7 @@ pub fn events(state: &Arc<State>, req: &Request<Incoming>) -> Result<Response<Bo
     let mut cursor = match from.as_deref() {
         None | Some("") => state.store.head(),
         Some(s) => s.parse::<u64>().map_err(|_| {
-            ApiError::field(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_field",
+            ApiError::invalid_field(
                 "Last-Event-ID",
                 "Last-Event-ID must be the seq of an event (an integer)",
             )

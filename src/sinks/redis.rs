@@ -250,12 +250,7 @@ pub async fn serve_requests(redis: Arc<Redis>, service: Arc<Service>, shutdown: 
 }
 
 fn field_err(field: &str, message: &str) -> ApiError {
-    ApiError::field(
-        http::StatusCode::UNPROCESSABLE_ENTITY,
-        "invalid_field",
-        field,
-        message.to_string(),
-    )
+    ApiError::invalid_field(field, message)
 }
 
 /// A payload value as text for [`ListQuery::parse`] (numbers are accepted too).
@@ -357,7 +352,7 @@ async fn handle_request(redis: &Redis, service: &Service, text: &str) {
         }
         Err(e) => {
             reply["error"] = json!(e.message);
-            reply["error_code"] = json!(e.code);
+            reply["error_code"] = json!(e.code.as_str());
             if let Some(f) = e.field {
                 reply["field"] = json!(f);
             }

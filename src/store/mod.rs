@@ -17,6 +17,7 @@
 mod keys;
 mod writer;
 
+use crate::error::{ApiError, Code};
 use crate::events::Event;
 use crate::model::{Evaluation, FailureReason, NewEvaluation, Status};
 use serde::{Deserialize, Serialize};
@@ -48,8 +49,33 @@ pub enum StoreError {
     ReplayOutOfWindow { from: u64, oldest: u64, head: u64 },
     #[error("the store is shut down")]
     Closed,
+    /// The backup destination cannot be used (the request's fault, not the disk's).
+    #[error("{0}")]
+    BackupRejected(String),
     #[error("storage error: {0}")]
     Storage(String),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound => ApiError::not_found("evaluation"),
+            StoreError::QueueFull { .. } => {
+                ApiError::new(Code::QueueFull, e.to_string()).with_retry_after(5)
+            }
+            StoreError::AlreadyTerminal(_) | StoreError::WrongState(..) => {
+                ApiError::new(Code::AlreadyTerminal, e.to_string())
+            }
+            StoreError::ReplayOutOfWindow { .. } => {
+                ApiError::new(Code::ReplayOutOfWindow, e.to_string()).with_field("from_seq")
+            }
+            StoreError::Closed => ApiError::shutting_down(),
+            StoreError::BackupRejected(m) => {
+                ApiError::new(Code::BackupFailed, m).with_field("path")
+            }
+            StoreError::Storage(m) => ApiError::new(Code::StoreError, m),
+        }
+    }
 }
 
 impl From<sled::Error> for StoreError {

@@ -218,17 +218,22 @@ impl Writer {
     /// copy to check it before reporting success.
     fn backup(&self, dest: &std::path::Path) -> Result<super::BackupInfo, StoreError> {
         let fail = |m: String| StoreError::Storage(format!("backup to {}: {m}", dest.display()));
+        let reject =
+            |m: &str| StoreError::BackupRejected(format!("backup to {}: {m}", dest.display()));
         if !dest.is_absolute() {
-            return Err(fail("the path must be absolute".into()));
+            return Err(reject("the path must be absolute"));
         }
         if dest.starts_with(&self.path) {
-            return Err(fail("the path is inside the live store".into()));
+            return Err(reject("the path is inside the live store"));
         }
         if let Ok(mut rd) = std::fs::read_dir(dest) {
             if rd.next().is_some() {
-                return Err(fail("the directory exists and is not empty".into()));
+                return Err(reject("the directory exists and is not empty"));
             }
         }
+        // A destination the server cannot create is the request's fault; a failure while
+        // copying is the disk's (a server error).
+        std::fs::create_dir_all(dest).map_err(|e| reject(&format!("cannot create it: {e}")))?;
         let target = dest.join("store");
         let bytes = copy_dir(&self.path, &target).map_err(|e| fail(e.to_string()))?;
         let copy = sled::Config::new()
