@@ -97,6 +97,15 @@ impl Event {
     }
 }
 
+/// An event a sink asks to add to the log once its delivery is recorded (the PostgreSQL
+/// sync's `storage:evaluation:created|updated`). It carries the record it confirms and
+/// does not change it: its `version` is the one it confirms.
+#[derive(Debug, Clone)]
+pub struct Confirmation {
+    pub kind: EventType,
+    pub data: Evaluation,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -36,3 +36,6 @@ pub mod queue;
 pub mod service;
 pub mod sinks;
 pub mod store;
+
+/// A boxed future, so traits with async methods stay object-safe.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;

@@ -12,9 +12,8 @@
 //! the store's writer like every other change.
 
 use crate::config::OutboxConfig;
-use crate::events::{Event, EventType};
-use crate::executor::BoxFuture;
-use crate::model::Evaluation;
+use crate::events::{Confirmation, Event};
+use crate::BoxFuture;
 use crate::store::{Store, StoreError};
 use rand::Rng;
 use serde::Serialize;
@@ -47,15 +46,6 @@ impl std::fmt::Display for SinkError {
             SinkError::Failed(m) => write!(f, "failed: {m}"),
         }
     }
-}
-
-/// An event a sink asks to add to the log once its delivery is recorded (the PostgreSQL
-/// sync's `storage:evaluation:created|updated`). It carries the record it confirms and
-/// does not change it.
-#[derive(Debug, Clone)]
-pub struct Confirmation {
-    pub kind: EventType,
-    pub data: Evaluation,
 }
 
 /// A destination for events. Delivery must be idempotent per `event_id`.

@@ -5,7 +5,7 @@
 //! cut short by a crash is removed when the sink opens, so every line is whole JSON.
 
 use crate::events::Event;
-use crate::executor::BoxFuture;
+use crate::BoxFuture;
 use crate::outbox::{Sink, SinkError};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};

@@ -20,9 +20,10 @@
 
 use crate::config::PostgresConfig;
 use crate::events::{Event, EventType};
-use crate::executor::BoxFuture;
+use crate::BoxFuture;
 use crate::model::Evaluation;
-use crate::outbox::{Confirmation, Sink, SinkError};
+use crate::events::Confirmation;
+use crate::outbox::{Sink, SinkError};
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use std::collections::HashMap;

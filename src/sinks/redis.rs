@@ -16,7 +16,7 @@
 use crate::config::RedisConfig;
 use crate::error::ApiError;
 use crate::events::Event;
-use crate::executor::BoxFuture;
+use crate::BoxFuture;
 use crate::ops::metrics::LabeledCounter;
 use crate::outbox::{Sink, SinkError};
 use crate::service::{check_idempotency_key, ListQuery, Service};

@@ -165,7 +165,7 @@ pub(crate) enum Op {
     Confirm {
         sink: String,
         seq: u64,
-        confirmations: Vec<crate::outbox::Confirmation>,
+        confirmations: Vec<crate::events::Confirmation>,
     },
     DeadLetter {
         sink: String,
@@ -451,7 +451,7 @@ impl Store {
         &self,
         sink: &str,
         seq: u64,
-        confirmations: Vec<crate::outbox::Confirmation>,
+        confirmations: Vec<crate::events::Confirmation>,
     ) -> Result<(), StoreError> {
         self.call(Op::Confirm {
             sink: sink.to_string(),

@@ -391,7 +391,7 @@ impl Pending<'_> {
         &mut self,
         sink: &str,
         seq: u64,
-        confirmations: Vec<crate::outbox::Confirmation>,
+        confirmations: Vec<crate::events::Confirmation>,
     ) -> Result<OpOk, StoreError> {
         for c in confirmations {
             let rec_json = json(&c.data);
