@@ -1,68 +1,14 @@
 //! The one event type. Every state change of an evaluation produces exactly one
 //! [`Event`], written in the same atomic store batch as the record it describes. Sinks,
 //! the SSE stream and replays all read these from the durable log; nothing else
-//! constructs events.
+//! constructs events. The kinds of change ([`EventType`]) belong to the record's state
+//! machine in [`crate::model`] and are re-exported here.
 
-use crate::model::{Evaluation, Status};
+use crate::model::Evaluation;
+pub use crate::model::EventType;
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::sync::Arc;
-
-/// Event types; the wire name is also the Redis channel (seed names).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum EventType {
-    #[serde(rename = "evaluation:queued")]
-    Queued,
-    #[serde(rename = "evaluation:started")]
-    Started,
-    #[serde(rename = "evaluation:completed")]
-    Completed,
-    #[serde(rename = "evaluation:failed")]
-    Failed,
-    #[serde(rename = "evaluation:cancelled")]
-    Cancelled,
-    #[serde(rename = "storage:evaluation:created")]
-    StorageCreated,
-    #[serde(rename = "storage:evaluation:updated")]
-    StorageUpdated,
-}
-
-impl EventType {
-    /// Every type, for docs and metrics.
-    pub const ALL: [EventType; 7] = [
-        EventType::Queued,
-        EventType::Started,
-        EventType::Completed,
-        EventType::Failed,
-        EventType::Cancelled,
-        EventType::StorageCreated,
-        EventType::StorageUpdated,
-    ];
-
-    /// The wire name (and channel).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventType::Queued => "evaluation:queued",
-            EventType::Started => "evaluation:started",
-            EventType::Completed => "evaluation:completed",
-            EventType::Failed => "evaluation:failed",
-            EventType::Cancelled => "evaluation:cancelled",
-            EventType::StorageCreated => "storage:evaluation:created",
-            EventType::StorageUpdated => "storage:evaluation:updated",
-        }
-    }
-
-    /// The event announcing that an evaluation entered `status`.
-    pub fn for_status(status: Status) -> EventType {
-        match status {
-            Status::Queued => EventType::Queued,
-            Status::Running => EventType::Started,
-            Status::Completed => EventType::Completed,
-            Status::Failed => EventType::Failed,
-            Status::Cancelled => EventType::Cancelled,
-        }
-    }
-}
 
 /// `{"event_id", "seq", "type", "eval_id", "version", "timestamp", "node", "data"}`.
 ///
@@ -109,6 +55,7 @@ pub struct Confirmation {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Status;
 
     #[test]
     fn type_names_are_the_seed_channels() {

@@ -61,6 +61,62 @@ impl Status {
     }
 }
 
+/// Event types; the wire name is also the Redis channel (seed names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EventType {
+    #[serde(rename = "evaluation:queued")]
+    Queued,
+    #[serde(rename = "evaluation:started")]
+    Started,
+    #[serde(rename = "evaluation:completed")]
+    Completed,
+    #[serde(rename = "evaluation:failed")]
+    Failed,
+    #[serde(rename = "evaluation:cancelled")]
+    Cancelled,
+    #[serde(rename = "storage:evaluation:created")]
+    StorageCreated,
+    #[serde(rename = "storage:evaluation:updated")]
+    StorageUpdated,
+}
+
+impl EventType {
+    /// Every type, for docs and metrics.
+    pub const ALL: [EventType; 7] = [
+        EventType::Queued,
+        EventType::Started,
+        EventType::Completed,
+        EventType::Failed,
+        EventType::Cancelled,
+        EventType::StorageCreated,
+        EventType::StorageUpdated,
+    ];
+
+    /// The wire name (and channel).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Queued => "evaluation:queued",
+            EventType::Started => "evaluation:started",
+            EventType::Completed => "evaluation:completed",
+            EventType::Failed => "evaluation:failed",
+            EventType::Cancelled => "evaluation:cancelled",
+            EventType::StorageCreated => "storage:evaluation:created",
+            EventType::StorageUpdated => "storage:evaluation:updated",
+        }
+    }
+
+    /// The event announcing that an evaluation entered `status`.
+    pub fn for_status(status: Status) -> EventType {
+        match status {
+            Status::Queued => EventType::Queued,
+            Status::Running => EventType::Started,
+            Status::Completed => EventType::Completed,
+            Status::Failed => EventType::Failed,
+            Status::Cancelled => EventType::Cancelled,
+        }
+    }
+}
+
 /// Why a `failed` evaluation failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -126,8 +182,8 @@ pub struct Evaluation {
 }
 
 impl Evaluation {
-    /// A new record in `queued`, before the store assigns its version and seq.
-    pub fn queued(eval_id: String, node: String, created_at: String, new: NewEvaluation) -> Self {
+    /// A new record in `queued` (version 0), before the store assigns its seq.
+    fn queued(eval_id: String, node: String, created_at: String, new: NewEvaluation) -> Self {
         Evaluation {
             eval_id,
             status: Status::Queued,
@@ -151,6 +207,117 @@ impl Evaluation {
             node,
             created_seq: 0,
         }
+    }
+}
+
+/// How a running evaluation ended, as the worker records it.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    pub status: Status,
+    pub exit_code: Option<i32>,
+    pub output: String,
+    pub stderr: String,
+    pub output_truncated: bool,
+    pub failure_reason: Option<FailureReason>,
+    pub error: Option<String>,
+    pub runtime_ms: Option<u64>,
+}
+
+/// A state change the record's current status does not allow.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransitionError {
+    #[error("the evaluation is already {0}")]
+    AlreadyTerminal(&'static str),
+    #[error("the evaluation is {0}, not {1}")]
+    WrongState(&'static str, &'static str),
+}
+
+/// The state machine: each transition returns the record as it is after the change
+/// (version + 1) and the event that announces it; the record it is called on is left as
+/// it was. The store persists both in one batch; nothing else changes a record.
+impl Evaluation {
+    /// A new submission: `queued`, version 1, announced by `evaluation:queued`.
+    pub fn submitted(
+        eval_id: String,
+        node: String,
+        created_at: String,
+        new: NewEvaluation,
+    ) -> (Evaluation, EventType) {
+        let mut rec = Evaluation::queued(eval_id, node, created_at, new);
+        rec.version = 1;
+        (rec, EventType::Queued)
+    }
+
+    fn next(&self, status: Status) -> Evaluation {
+        let mut n = self.clone();
+        n.status = status;
+        n.version += 1;
+        n
+    }
+
+    /// `queued -> running`.
+    pub fn start(&self, now: &str) -> Result<(Evaluation, EventType), TransitionError> {
+        if self.status != Status::Queued {
+            return Err(TransitionError::WrongState(self.status.as_str(), "queued"));
+        }
+        let mut n = self.next(Status::Running);
+        n.started_at = Some(now.to_string());
+        Ok((n, EventType::Started))
+    }
+
+    /// `running -> completed | failed | cancelled` with the run's outcome.
+    pub fn finish(
+        &self,
+        fin: Finish,
+        now: &str,
+    ) -> Result<(Evaluation, EventType), TransitionError> {
+        if self.status.is_terminal() {
+            return Err(TransitionError::AlreadyTerminal(self.status.as_str()));
+        }
+        if self.status != Status::Running || !fin.status.is_terminal() {
+            return Err(TransitionError::WrongState(self.status.as_str(), "running"));
+        }
+        let mut n = self.next(fin.status);
+        n.completed_at = Some(now.to_string());
+        n.exit_code = fin.exit_code;
+        n.output = fin.output;
+        n.stderr = fin.stderr;
+        n.output_truncated = fin.output_truncated;
+        n.failure_reason = fin.failure_reason;
+        n.error = fin.error;
+        n.runtime_ms = fin.runtime_ms;
+        n.success = Some(fin.status == Status::Completed);
+        Ok((n, EventType::for_status(fin.status)))
+    }
+
+    /// `queued | running -> cancelled`, by request.
+    pub fn cancel(&self, now: &str) -> Result<(Evaluation, EventType), TransitionError> {
+        let why = match self.status {
+            Status::Queued => "cancelled by request before it started",
+            Status::Running => "cancelled by request while running",
+            s => return Err(TransitionError::AlreadyTerminal(s.as_str())),
+        };
+        let mut n = self.next(Status::Cancelled);
+        n.completed_at = Some(now.to_string());
+        n.success = Some(false);
+        n.error = Some(why.to_string());
+        Ok((n, EventType::Cancelled))
+    }
+
+    /// `running -> failed` (`interrupted`): the appliance stopped while it ran.
+    pub fn interrupt(&self, now: &str) -> Result<(Evaluation, EventType), TransitionError> {
+        if self.status != Status::Running {
+            return Err(TransitionError::WrongState(self.status.as_str(), "running"));
+        }
+        let mut n = self.next(Status::Failed);
+        n.completed_at = Some(now.to_string());
+        n.success = Some(false);
+        n.failure_reason = Some(FailureReason::Interrupted);
+        n.error = Some(
+            "the appliance stopped while this evaluation was running; it was not finished"
+                .to_string(),
+        );
+        Ok((n, EventType::Failed))
     }
 }
 
@@ -414,6 +581,79 @@ mod tests {
         let e = validate_submission(&json!({"code": "a", "language": "ruby"}), &rules())
             .expect_err("missing");
         assert!(e.message.contains("not installed"));
+    }
+
+    fn sample() -> Evaluation {
+        let new = validate_submission(&json!({"code": "print(1)"}), &rules()).expect("valid");
+        Evaluation::submitted("e1".into(), "n".into(), "t0".into(), new).0
+    }
+
+    fn finish(status: Status) -> Finish {
+        Finish {
+            status,
+            exit_code: Some(0),
+            output: "o".into(),
+            stderr: String::new(),
+            output_truncated: false,
+            failure_reason: None,
+            error: None,
+            runtime_ms: Some(1),
+        }
+    }
+
+    #[test]
+    fn transitions_raise_the_version_and_name_their_event() {
+        let q = sample();
+        assert_eq!((q.status, q.version), (Status::Queued, 1));
+        let (r, ev) = q.start("t1").expect("start");
+        assert_eq!(
+            (r.status, r.version, ev),
+            (Status::Running, 2, EventType::Started)
+        );
+        assert_eq!(q.status, Status::Queued, "the original is unchanged");
+        let (c, ev) = r.finish(finish(Status::Completed), "t2").expect("finish");
+        assert_eq!(
+            (c.status, c.version, ev),
+            (Status::Completed, 3, EventType::Completed)
+        );
+        assert_eq!(
+            (c.success, c.completed_at.as_deref()),
+            (Some(true), Some("t2"))
+        );
+        let (i, ev) = r.interrupt("t3").expect("interrupt");
+        assert_eq!(
+            (i.status, i.failure_reason, ev),
+            (
+                Status::Failed,
+                Some(FailureReason::Interrupted),
+                EventType::Failed
+            )
+        );
+        let (x, ev) = q.cancel("t4").expect("cancel queued");
+        assert_eq!((x.status, ev), (Status::Cancelled, EventType::Cancelled));
+    }
+
+    #[test]
+    fn illegal_transitions_are_refused() {
+        let q = sample();
+        assert!(matches!(
+            q.finish(finish(Status::Completed), "t"),
+            Err(TransitionError::WrongState("queued", "running"))
+        ));
+        assert!(q.interrupt("t").is_err());
+        let (r, _) = q.start("t").expect("start");
+        assert!(r.start("t").is_err());
+        assert!(
+            r.finish(finish(Status::Running), "t").is_err(),
+            "not terminal"
+        );
+        let (c, _) = r.finish(finish(Status::Failed), "t").expect("finish");
+        for res in [c.cancel("t"), c.finish(finish(Status::Completed), "t")] {
+            assert!(matches!(
+                res,
+                Err(TransitionError::AlreadyTerminal("failed"))
+            ));
+        }
     }
 
     #[test]

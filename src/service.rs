@@ -219,17 +219,19 @@ impl Service {
     }
 
     /// One evaluation.
-    pub fn get(&self, id: &str) -> Result<Evaluation, ApiError> {
+    pub async fn get(&self, id: &str) -> Result<Evaluation, ApiError> {
         self.store
-            .get(id)?
+            .get(id)
+            .await?
             .ok_or_else(|| ApiError::not_found("evaluation"))
     }
 
     /// A page of evaluations, newest first.
-    pub fn list(&self, q: &ListQuery) -> Result<Page, ApiError> {
+    pub async fn list(&self, q: &ListQuery) -> Result<Page, ApiError> {
         let (evaluations, next_cursor) = self
             .store
             .list(q.status, q.limit, q.after.as_deref())
+            .await
             .map_err(|e| match e {
                 crate::store::StoreError::NotFound => ApiError::invalid_field(
                     "cursor",

@@ -138,8 +138,8 @@ pub async fn submit_batch(
     ))
 }
 
-pub fn get_eval(state: &State, id: &str) -> Result<Response<Body>, ApiError> {
-    let rec = state.service.get(id)?;
+pub async fn get_eval(state: &State, id: &str) -> Result<Response<Body>, ApiError> {
+    let rec = state.service.get(id).await?;
     Ok(json_response(StatusCode::OK, &to_value(&rec)))
 }
 
@@ -186,14 +186,14 @@ pub fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-pub fn list(state: &State, query: Option<&str>) -> Result<Response<Body>, ApiError> {
+pub async fn list(state: &State, query: Option<&str>) -> Result<Response<Body>, ApiError> {
     let q = query_map(query);
     let lq = ListQuery::parse(
         q.get("status").map(|s| s.as_str()),
         q.get("limit").map(|s| s.as_str()),
         q.get("cursor").map(|s| s.as_str()),
     )?;
-    let page = state.service.list(&lq)?;
+    let page = state.service.list(&lq).await?;
     Ok(json_response(StatusCode::OK, &to_value(&page)))
 }
 

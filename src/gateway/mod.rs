@@ -193,7 +193,7 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> Handled {
                 "/api/eval-status/{id}",
                 get,
                 "GET, HEAD",
-                api::get_eval(state, &id)
+                api::get_eval(state, &id).await
             )
         }
         ["api", "eval", id] => {
@@ -202,7 +202,7 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> Handled {
                 "/api/eval/{id}",
                 get,
                 "GET, HEAD",
-                api::get_eval(state, &id)
+                api::get_eval(state, &id).await
             )
         }
         ["api", "eval", id, "cancel"] => {
@@ -219,7 +219,7 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> Handled {
                 "/api/evaluations",
                 get,
                 "GET, HEAD",
-                api::list(state, req.uri().query())
+                api::list(state, req.uri().query()).await
             )
         }
         ["api", "events"] => guarded!("/api/events", get, "GET, HEAD", sse::events(state, &req)),

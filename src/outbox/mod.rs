@@ -13,8 +13,8 @@
 
 use crate::config::OutboxConfig;
 use crate::events::{Confirmation, Event};
-use crate::BoxFuture;
 use crate::store::{Store, StoreError};
+use crate::BoxFuture;
 use rand::Rng;
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -15,9 +15,9 @@
 //! This module never writes the store except through the store's operations.
 
 use crate::executor::{signal_name, Executor, Job, RunOutput, Termination};
-use crate::model::{FailureReason, Status};
+use crate::model::{FailureReason, Finish, Status};
 use crate::ops::metrics::{Histogram, LabeledCounter};
-use crate::store::{Finish, Store, StoreError};
+use crate::store::{Store, StoreError};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

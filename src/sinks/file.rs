@@ -5,8 +5,8 @@
 //! cut short by a crash is removed when the sink opens, so every line is whole JSON.
 
 use crate::events::Event;
-use crate::BoxFuture;
 use crate::outbox::{Sink, SinkError};
+use crate::BoxFuture;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};

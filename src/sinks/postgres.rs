@@ -19,11 +19,11 @@
 //! batch, which the relay then narrows down to the event that causes it (dead letter).
 
 use crate::config::PostgresConfig;
-use crate::events::{Event, EventType};
-use crate::BoxFuture;
-use crate::model::Evaluation;
 use crate::events::Confirmation;
+use crate::events::{Event, EventType};
+use crate::model::Evaluation;
 use crate::outbox::{Sink, SinkError};
+use crate::BoxFuture;
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -485,7 +485,7 @@ mod tests {
             timestamp: "2026-01-01T00:00:00.000Z".into(),
             node: "n".into(),
             data: {
-                let mut r = Evaluation::queued(
+                let (mut r, _) = Evaluation::submitted(
                     id.into(),
                     "n".into(),
                     "2026-01-01T00:00:00.000Z".into(),

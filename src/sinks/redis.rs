@@ -16,10 +16,10 @@
 use crate::config::RedisConfig;
 use crate::error::ApiError;
 use crate::events::Event;
-use crate::BoxFuture;
 use crate::ops::metrics::LabeledCounter;
 use crate::outbox::{Sink, SinkError};
 use crate::service::{check_idempotency_key, ListQuery, Service};
+use crate::BoxFuture;
 use fred::prelude::{
     Builder, Client, ClientLike, Config as FredConfig, Error as FredError, EventInterface,
     PubsubInterface, ReconnectPolicy, StreamsInterface, Value as FredValue,
@@ -269,7 +269,7 @@ async fn dispatch(service: &Service, kind: &str, payload: &Value) -> Result<Valu
                 .get("eval_id")
                 .and_then(|v| v.as_str())
                 .ok_or_else(|| field_err("payload.eval_id", "`eval_id` (a string) is required"))?;
-            Ok(serde_json::to_value(service.get(id)?).unwrap_or(Value::Null))
+            Ok(serde_json::to_value(service.get(id).await?).unwrap_or(Value::Null))
         }
         "list_evaluations" => {
             let (s, l, c) = (
@@ -278,7 +278,7 @@ async fn dispatch(service: &Service, kind: &str, payload: &Value) -> Result<Valu
                 text(payload.get("cursor")),
             );
             let q = ListQuery::parse(s.as_deref(), l.as_deref(), c.as_deref())?;
-            Ok(serde_json::to_value(service.list(&q)?).unwrap_or(Value::Null))
+            Ok(serde_json::to_value(service.list(&q).await?).unwrap_or(Value::Null))
         }
         "submit_evaluation" => {
             let key = match payload.get("idempotency_key") {

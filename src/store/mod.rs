@@ -18,8 +18,9 @@ mod keys;
 mod writer;
 
 use crate::error::{ApiError, Code};
+use crate::events::Confirmation;
 use crate::events::Event;
-use crate::model::{Evaluation, FailureReason, NewEvaluation, Status};
+use crate::model::{Evaluation, Finish, NewEvaluation, Status};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -84,19 +85,6 @@ impl From<sled::Error> for StoreError {
     }
 }
 
-/// How the writer ends a running evaluation.
-#[derive(Debug, Clone)]
-pub struct Finish {
-    pub status: Status,
-    pub exit_code: Option<i32>,
-    pub output: String,
-    pub stderr: String,
-    pub output_truncated: bool,
-    pub failure_reason: Option<FailureReason>,
-    pub error: Option<String>,
-    pub runtime_ms: Option<u64>,
-}
-
 /// Result of a submission: the id and the status it has now (`queued` for a new one; the
 /// current status when an idempotency key matched an earlier submission).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -141,57 +129,78 @@ pub struct StoreOptions {
     pub node_id: Option<String>,
 }
 
+/// Where the writer sends an operation's answer, once the batch holding it is flushed.
+pub(crate) type Tx<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// An operation for the writer, each with a reply of its own type.
 pub(crate) enum Op {
     Submit {
         evals: Vec<NewEvaluation>,
         idem_key: Option<String>,
         max_queued: u64,
+        reply: Tx<Vec<Submitted>>,
     },
     Start {
         eval_id: String,
+        reply: Tx<Evaluation>,
     },
     Finish {
         eval_id: String,
         fin: Box<Finish>,
+        reply: Tx<Evaluation>,
     },
     Cancel {
         eval_id: String,
+        reply: Tx<(Evaluation, Status)>,
     },
-    InterruptRunning,
+    InterruptRunning {
+        reply: Tx<u64>,
+    },
     SetCursor {
         sink: String,
         seq: u64,
+        reply: Tx<()>,
     },
     Confirm {
         sink: String,
         seq: u64,
-        confirmations: Vec<crate::events::Confirmation>,
+        confirmations: Vec<Confirmation>,
+        reply: Tx<()>,
     },
     DeadLetter {
         sink: String,
         event: Box<Event>,
         error: String,
         attempts: u32,
+        reply: Tx<()>,
     },
     Prune {
         sinks: Vec<String>,
         older_than: String,
         max: usize,
+        reply: Tx<Pruned>,
     },
     Replay {
         sink: String,
         from_seq: u64,
+        reply: Tx<u64>,
     },
     /// Liveness check of the writer (the systemd watchdog).
-    Ping,
+    Ping {
+        reply: Tx<()>,
+    },
     /// Copy the flushed store to a directory while no write can happen.
     Backup {
         dest: PathBuf,
+        reply: Tx<BackupInfo>,
     },
-    Shutdown,
+    /// Stop after this batch.
+    Shutdown {
+        reply: Tx<()>,
+    },
 }
 
-/// What a backup wrote.
+/// What `backup` wrote.
 #[derive(Debug, Clone, Serialize)]
 pub struct BackupInfo {
     pub path: PathBuf,
@@ -199,22 +208,6 @@ pub struct BackupInfo {
     pub bytes: u64,
     pub node: String,
     pub created_at: String,
-}
-
-pub(crate) enum OpOk {
-    Backup(BackupInfo),
-    Submitted(Vec<Submitted>),
-    Record(Box<Evaluation>),
-    Cancelled(Box<Evaluation>, Status),
-    Count(u64),
-    Cursor(u64),
-    Pruned(Pruned),
-    Unit,
-}
-
-pub(crate) struct Command {
-    pub op: Op,
-    pub reply: oneshot::Sender<Result<OpOk, StoreError>>,
 }
 
 /// Live counters shared between the writer and readers.
@@ -226,9 +219,9 @@ pub struct Shared {
     /// `head` reaches it. Records change only together with an event, so a read that
     /// waits for `head >= applying` answers nothing a crash could take back.
     pub applying: AtomicU64,
-    /// Signalled (with `flushed`) after every batch, flushed or failed.
-    pub flushed: std::sync::Condvar,
-    pub flushed_lock: Mutex<()>,
+    /// Counts batches the writer finished (flushed or failed), so readers in
+    /// [`Store::settle`] wake after each one.
+    pub batches_done: watch::Sender<u64>,
     pub queue_depth: AtomicU64,
     pub running: AtomicU64,
     pub healthy: AtomicBool,
@@ -240,7 +233,7 @@ pub struct Shared {
 pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
-    tx: mpsc::Sender<Command>,
+    tx: mpsc::Sender<Op>,
     shared: Arc<Shared>,
     head_rx: watch::Receiver<u64>,
     node: String,
@@ -352,10 +345,11 @@ impl Store {
         }))
     }
 
-    async fn call(&self, op: Op) -> Result<OpOk, StoreError> {
+    /// Send an operation to the writer and wait for its answer (after the flush).
+    async fn call<T>(&self, op: impl FnOnce(Tx<T>) -> Op) -> Result<T, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command { op, reply })
+            .send(op(reply))
             .await
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
@@ -374,74 +368,49 @@ impl Store {
         idem_key: Option<String>,
         max_queued: u64,
     ) -> Result<Vec<Submitted>, StoreError> {
-        match self
-            .call(Op::Submit {
-                evals,
-                idem_key,
-                max_queued,
-            })
-            .await?
-        {
-            OpOk::Submitted(s) => Ok(s),
-            _ => Err(StoreError::Storage("unexpected writer reply".into())),
-        }
+        self.call(|reply| Op::Submit {
+            evals,
+            idem_key,
+            max_queued,
+            reply,
+        })
+        .await
     }
 
     /// `queued -> running`, durably. Fails with `WrongState` if it is no longer queued.
     pub async fn start(&self, eval_id: &str) -> Result<Evaluation, StoreError> {
-        self.record_op(Op::Start {
-            eval_id: eval_id.to_string(),
-        })
-        .await
+        let eval_id = eval_id.to_string();
+        self.call(|reply| Op::Start { eval_id, reply }).await
     }
 
     /// `running -> completed | failed | cancelled`, durably.
     pub async fn finish(&self, eval_id: &str, fin: Finish) -> Result<Evaluation, StoreError> {
-        self.record_op(Op::Finish {
-            eval_id: eval_id.to_string(),
+        let eval_id = eval_id.to_string();
+        self.call(|reply| Op::Finish {
+            eval_id,
             fin: Box::new(fin),
+            reply,
         })
         .await
-    }
-
-    async fn record_op(&self, op: Op) -> Result<Evaluation, StoreError> {
-        match self.call(op).await? {
-            OpOk::Record(r) => Ok(*r),
-            _ => Err(StoreError::Storage("unexpected writer reply".into())),
-        }
     }
 
     /// Cancel a queued or running evaluation, durably. Returns the record and the status
     /// it had before (so the caller knows whether a process must be killed).
     pub async fn cancel(&self, eval_id: &str) -> Result<(Evaluation, Status), StoreError> {
-        match self
-            .call(Op::Cancel {
-                eval_id: eval_id.to_string(),
-            })
-            .await?
-        {
-            OpOk::Cancelled(r, prev) => Ok((*r, prev)),
-            _ => Err(StoreError::Storage("unexpected writer reply".into())),
-        }
+        let eval_id = eval_id.to_string();
+        self.call(|reply| Op::Cancel { eval_id, reply }).await
     }
 
     /// Mark every `running` evaluation `failed` with `failure_reason = interrupted`
     /// (crash recovery at start-up). Returns how many.
     pub async fn interrupt_running(&self) -> Result<u64, StoreError> {
-        match self.call(Op::InterruptRunning).await? {
-            OpOk::Count(n) => Ok(n),
-            _ => Err(StoreError::Storage("unexpected writer reply".into())),
-        }
+        self.call(|reply| Op::InterruptRunning { reply }).await
     }
 
     /// Save a sink's cursor (the last seq it has durably delivered).
     pub async fn set_cursor(&self, sink: &str, seq: u64) -> Result<(), StoreError> {
-        self.call(Op::SetCursor {
-            sink: sink.to_string(),
-            seq,
-        })
-        .await
-        .map(|_| ())
+        let sink = sink.to_string();
+        self.call(|reply| Op::SetCursor { sink, seq, reply }).await
     }
 
     /// Save a sink's cursor and append the confirmation events it produced, atomically:
@@ -451,15 +420,16 @@ impl Store {
         &self,
         sink: &str,
         seq: u64,
-        confirmations: Vec<crate::events::Confirmation>,
+        confirmations: Vec<Confirmation>,
     ) -> Result<(), StoreError> {
-        self.call(Op::Confirm {
-            sink: sink.to_string(),
+        let sink = sink.to_string();
+        self.call(|reply| Op::Confirm {
+            sink,
             seq,
             confirmations,
+            reply,
         })
         .await
-        .map(|_| ())
     }
 
     /// Park a poison event for `sink` and move its cursor past it, atomically.
@@ -470,14 +440,15 @@ impl Store {
         error: String,
         attempts: u32,
     ) -> Result<(), StoreError> {
-        self.call(Op::DeadLetter {
-            sink: sink.to_string(),
+        let sink = sink.to_string();
+        self.call(|reply| Op::DeadLetter {
+            sink,
             event: Box::new(event),
             error,
             attempts,
+            reply,
         })
         .await
-        .map(|_| ())
     }
 
     /// Remove up to `max` events that every listed sink has delivered and that are older
@@ -488,36 +459,29 @@ impl Store {
         older_than: String,
         max: usize,
     ) -> Result<Pruned, StoreError> {
-        match self
-            .call(Op::Prune {
-                sinks,
-                older_than,
-                max,
-            })
-            .await?
-        {
-            OpOk::Pruned(p) => Ok(p),
-            _ => Err(StoreError::Storage("unexpected writer reply".into())),
-        }
+        self.call(|reply| Op::Prune {
+            sinks,
+            older_than,
+            max,
+            reply,
+        })
+        .await
     }
 
     /// Move `sink`'s cursor back so delivery restarts at `from_seq` (within the window).
     pub async fn replay(&self, sink: &str, from_seq: u64) -> Result<u64, StoreError> {
-        match self
-            .call(Op::Replay {
-                sink: sink.to_string(),
-                from_seq,
-            })
-            .await?
-        {
-            OpOk::Cursor(c) => Ok(c),
-            _ => Err(StoreError::Storage("unexpected writer reply".into())),
-        }
+        let sink = sink.to_string();
+        self.call(|reply| Op::Replay {
+            sink,
+            from_seq,
+            reply,
+        })
+        .await
     }
 
     /// Round trip through the writer thread (proves it is alive and not stuck on disk).
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.call(Op::Ping).await.map(|_| ())
+        self.call(|reply| Op::Ping { reply }).await
     }
 
     /// Write a consistent copy of the store to `dest/store` (plus `dest/backup.json`).
@@ -525,15 +489,12 @@ impl Store {
     /// happen during the copy: writes wait for it instead. `dest` must be absolute and
     /// missing or empty.
     pub async fn backup(&self, dest: PathBuf) -> Result<BackupInfo, StoreError> {
-        match self.call(Op::Backup { dest }).await? {
-            OpOk::Backup(info) => Ok(info),
-            _ => Err(StoreError::Storage("unexpected writer reply".into())),
-        }
+        self.call(|reply| Op::Backup { dest, reply }).await
     }
 
     /// Stop the writer after everything already sent is applied and flushed.
     pub async fn close(&self) {
-        let _ = self.call(Op::Shutdown).await;
+        let _ = self.call(|reply| Op::Shutdown { reply }).await;
         let handle = self.writer.lock().ok().and_then(|mut h| h.take());
         if let Some(h) = handle {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
@@ -547,35 +508,29 @@ impl Store {
     /// may have seen is flushed. sled shows a batch as soon as it is applied; without
     /// this a reader could see `running` (or `completed`) that a crash before the flush
     /// takes back. Gives up after 5 s (a stuck disk): the store is then unhealthy.
-    fn settle(&self) {
+    async fn settle(&self) {
         let sh = &self.shared;
         let target = sh.applying.load(Ordering::SeqCst);
-        if sh.head.load(Ordering::SeqCst) >= target {
-            return;
-        }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let Ok(mut guard) = sh.flushed_lock.lock() else {
-            return;
-        };
+        // Subscribe before checking, so a batch that finishes in between still wakes us.
+        let mut done = sh.batches_done.subscribe();
         // A failed batch lowers `applying` back to `head`: nothing more will come.
-        while sh.head.load(Ordering::SeqCst) < target
-            && sh.applying.load(Ordering::SeqCst) >= target
-        {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                return;
+        let settled = || {
+            sh.head.load(Ordering::SeqCst) >= target || sh.applying.load(Ordering::SeqCst) < target
+        };
+        let wait = async {
+            while !settled() {
+                if done.changed().await.is_err() {
+                    return;
+                }
             }
-            match sh.flushed.wait_timeout(guard, left) {
-                Ok((g, _)) => guard = g,
-                Err(_) => return,
-            }
-        }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), wait).await;
     }
 
     /// One evaluation by id (as flushed: see [`Store::settle`]).
-    pub fn get(&self, eval_id: &str) -> Result<Option<Evaluation>, StoreError> {
+    pub async fn get(&self, eval_id: &str) -> Result<Option<Evaluation>, StoreError> {
         let raw = self.tree.get(keys::eval(eval_id))?;
-        self.settle();
+        self.settle().await;
         match raw {
             Some(v) => Ok(Some(decode(&v)?)),
             None => Ok(None),
@@ -591,7 +546,7 @@ impl Store {
     /// an evaluation changing status during paging is neither skipped nor repeated. With
     /// a filter the status index is scanned (an evaluation that leaves the status while
     /// paging simply no longer belongs to the list). `NotFound` if `after` is unknown.
-    pub fn list(
+    pub async fn list(
         &self,
         status: Option<Status>,
         limit: usize,
@@ -631,7 +586,10 @@ impl Store {
             }
             Some(st) => {
                 let below = match after {
-                    Some(id) => self.get(id)?.ok_or(StoreError::NotFound)?.created_seq,
+                    Some(id) => match self.tree.get(keys::eval(id))? {
+                        Some(raw) => decode::<Evaluation>(&raw)?.created_seq,
+                        None => return Err(StoreError::NotFound),
+                    },
                     None => u64::MAX,
                 };
                 let lo = keys::status(st.code(), 0);
@@ -654,7 +612,7 @@ impl Store {
         } else {
             None
         };
-        self.settle();
+        self.settle().await;
         Ok((out, next))
     }
 

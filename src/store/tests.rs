@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::events::EventType;
-use crate::model::NewEvaluation;
+use crate::model::{FailureReason, NewEvaluation};
 use std::time::Duration;
 
 fn open(dir: &std::path::Path) -> Arc<Store> {
@@ -95,7 +95,7 @@ async fn a_change_and_its_event_are_written_together_with_gapless_seqs() {
         ]
     );
     // Each event carries the record as it was after the change.
-    let rec_a = s.get(&a).expect("get").expect("exists");
+    let rec_a = s.get(&a).await.expect("get").expect("exists");
     assert_eq!(events[3].data, rec_a);
     assert_eq!(rec_a.version, 3);
     assert_eq!(
@@ -106,7 +106,10 @@ async fn a_change_and_its_event_are_written_together_with_gapless_seqs() {
             .collect::<Vec<_>>(),
         vec![1, 2, 3]
     );
-    assert_eq!(s.get(&b).expect("get").expect("exists").created_seq, 2);
+    assert_eq!(
+        s.get(&b).await.expect("get").expect("exists").created_seq,
+        2
+    );
     let ids: HashSet<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
     assert_eq!(ids.len(), 4, "event ids are unique");
 }
@@ -139,7 +142,7 @@ async fn state_machine_refuses_illegal_transitions() {
         head
     );
     assert_eq!(
-        s.get(&a).expect("get").expect("exists").status,
+        s.get(&a).await.expect("get").expect("exists").status,
         Status::Failed
     );
 }
@@ -247,12 +250,19 @@ async fn reopening_recovers_head_queue_node_and_running() {
     assert_eq!(s.head(), 3);
     assert_eq!((s.queue_depth(), s.running_count()), (1, 1));
     assert_eq!(s.interrupt_running().await.expect("interrupt"), 1);
-    let rec = s.get(&a).expect("get").expect("exists");
+    let rec = s.get(&a).await.expect("get").expect("exists");
     assert_eq!(rec.status, Status::Failed);
     assert_eq!(rec.failure_reason, Some(FailureReason::Interrupted));
     assert_eq!(s.next_queued(&HashSet::new(), 5).expect("queue"), vec![b]);
     let next = submit_one(&s, "c").await;
-    assert_eq!(s.get(&next).expect("get").expect("exists").created_seq, 5);
+    assert_eq!(
+        s.get(&next)
+            .await
+            .expect("get")
+            .expect("exists")
+            .created_seq,
+        5
+    );
 }
 
 #[tokio::test]
@@ -272,7 +282,7 @@ async fn list_merges_statuses_newest_first_with_cursors() {
     let mut all = Vec::new();
     let mut after: Option<String> = None;
     loop {
-        let (page, next) = s.list(None, 3, after.as_deref()).expect("list");
+        let (page, next) = s.list(None, 3, after.as_deref()).await.expect("list");
         all.extend(page.into_iter().map(|r| r.eval_id));
         match next {
             Some(n) => after = Some(n),
@@ -282,7 +292,7 @@ async fn list_merges_statuses_newest_first_with_cursors() {
     let mut want = ids.clone();
     want.reverse();
     assert_eq!(all, want);
-    let (q, _) = s.list(Some(Status::Queued), 10, None).expect("list");
+    let (q, _) = s.list(Some(Status::Queued), 10, None).await.expect("list");
     let q: Vec<String> = q.into_iter().map(|r| r.eval_id).collect();
     assert_eq!(
         q,
@@ -380,7 +390,10 @@ async fn cursors_dead_letters_pruning_and_replay() {
     assert_eq!(s.head(), 5);
     assert_eq!(s.oldest_seq().expect("oldest"), 6);
     let id = submit_one(&s, "again").await;
-    assert_eq!(s.get(&id).expect("get").expect("exists").created_seq, 6);
+    assert_eq!(
+        s.get(&id).await.expect("get").expect("exists").created_seq,
+        6
+    );
 }
 
 #[tokio::test]
@@ -410,7 +423,7 @@ async fn many_concurrent_writers_share_flushes_and_every_answer_is_durable() {
     drop(s);
     let s = reopen(dir.path()).await;
     for id in &ids {
-        assert!(s.get(id).expect("get").is_some(), "{id} lost");
+        assert!(s.get(id).await.expect("get").is_some(), "{id} lost");
     }
     let seqs: Vec<u64> = s
         .events(0, 640, 1000)

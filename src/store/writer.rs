@@ -4,15 +4,15 @@
 //! Seqs are assigned here and only here, so they are strictly increasing without gaps:
 //! a batch that fails to apply leaves no trace and its seqs are reused by the next one.
 
-use super::{keys, Command, DeadLetter, Op, OpOk, Pruned, Shared, StoreError, Submitted};
-use crate::events::{Event, EventType};
-use crate::model::{now, Evaluation, FailureReason, Status};
+use super::{keys, DeadLetter, Op, Pruned, Shared, StoreError, Submitted, Tx};
+use crate::events::{Confirmation, Event, EventType};
+use crate::model::{now, Evaluation, Finish, NewEvaluation, Status, TransitionError};
 use crate::ops::metrics::Histogram;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 /// Counters of the group commit, for /metrics and the benchmark report.
 #[derive(Debug)]
@@ -77,10 +77,27 @@ struct Pending<'a> {
     events: u64,
 }
 
-type Reply = oneshot::Sender<Result<OpOk, StoreError>>;
+/// The answer to one operation, sent once the batch's flush is known: the flush error
+/// if it failed, else the operation's own result.
+type Answer = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+fn answer<T: Send + 'static>(tx: Tx<T>, res: Result<T, StoreError>) -> Answer {
+    Box::new(move |flushed| {
+        let _ = tx.send(flushed.and(res));
+    })
+}
+
+impl From<TransitionError> for StoreError {
+    fn from(e: TransitionError) -> Self {
+        match e {
+            TransitionError::AlreadyTerminal(s) => StoreError::AlreadyTerminal(s),
+            TransitionError::WrongState(a, b) => StoreError::WrongState(a, b),
+        }
+    }
+}
 
 impl Writer {
-    pub(super) fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+    pub(super) fn run(mut self, mut rx: mpsc::Receiver<Op>) {
         let mut stop = false;
         while !stop {
             let Some(first) = rx.blocking_recv() else {
@@ -88,7 +105,7 @@ impl Writer {
             };
             let mut cmds = vec![first];
             self.gather(&mut rx, &mut cmds);
-            if cmds.iter().any(|c| matches!(c.op, Op::Shutdown)) {
+            if cmds.iter().any(|op| matches!(op, Op::Shutdown { .. })) {
                 stop = true;
             }
             self.commit(cmds);
@@ -97,7 +114,7 @@ impl Writer {
     }
 
     /// Take whatever else is pending, waiting up to the flush window for more.
-    fn gather(&self, rx: &mut mpsc::Receiver<Command>, cmds: &mut Vec<Command>) {
+    fn gather(&self, rx: &mut mpsc::Receiver<Op>, cmds: &mut Vec<Op>) {
         let deadline = Instant::now() + self.window;
         loop {
             while cmds.len() < self.max_batch {
@@ -117,7 +134,7 @@ impl Writer {
         }
     }
 
-    fn commit(&mut self, cmds: Vec<Command>) {
+    fn commit(&mut self, cmds: Vec<Op>) {
         let mut p = Pending {
             tree: &self.tree,
             node: &self.node,
@@ -131,16 +148,14 @@ impl Writer {
             pruned_upto: 0,
             events: 0,
         };
-        let mut replies: Vec<(Reply, Result<OpOk, StoreError>)> = Vec::with_capacity(cmds.len());
-        let mut backups: Vec<(Reply, std::path::PathBuf)> = Vec::new();
+        let mut answers: Vec<Answer> = Vec::with_capacity(cmds.len());
+        let mut backups: Vec<(Tx<super::BackupInfo>, std::path::PathBuf)> = Vec::new();
         let n_ops = cmds.len() as u64;
-        for Command { op, reply } in cmds {
-            if let Op::Backup { dest } = op {
-                backups.push((reply, dest));
-                continue;
+        for op in cmds {
+            match op {
+                Op::Backup { dest, reply } => backups.push((reply, dest)),
+                op => answers.push(p.apply(op)),
             }
-            let res = p.apply(op);
-            replies.push((reply, res));
         }
         let new_seq = p.next_seq;
         if new_seq != self.last_seq {
@@ -170,8 +185,8 @@ impl Writer {
                 self.shared.head.store(new_seq, Ordering::SeqCst);
                 self.shared.healthy.store(true, Ordering::SeqCst);
                 stats.events.fetch_add(events, Ordering::Relaxed);
-                for (reply, res) in replies {
-                    let _ = reply.send(res);
+                for a in answers {
+                    a(Ok(()));
                 }
                 self.head_tx.send_if_modified(|h| {
                     if *h != new_seq {
@@ -182,7 +197,7 @@ impl Writer {
                     }
                 });
                 for (reply, dest) in backups {
-                    let _ = reply.send(self.backup(&dest).map(OpOk::Backup));
+                    let _ = reply.send(self.backup(&dest));
                 }
             }
             Err(e) => {
@@ -200,8 +215,8 @@ impl Writer {
                 // Nothing more is coming for this batch: readers stop waiting for it.
                 let head = self.shared.head.load(Ordering::SeqCst);
                 self.shared.applying.store(head, Ordering::SeqCst);
-                for (reply, _) in replies {
-                    let _ = reply.send(Err(StoreError::Storage(msg.clone())));
+                for a in answers {
+                    a(Err(StoreError::Storage(msg.clone())));
                 }
                 for (reply, _) in backups {
                     let _ = reply.send(Err(StoreError::Storage(msg.clone())));
@@ -209,9 +224,7 @@ impl Writer {
             }
         }
         // Wake the readers waiting in `Store::settle` for this flush.
-        if let Ok(_guard) = self.shared.flushed_lock.lock() {
-            self.shared.flushed.notify_all();
-        }
+        self.shared.batches_done.send_modify(|n| *n += 1);
     }
 
     /// Copy the (flushed, quiescent) database directory to `dest/store`, then open the
@@ -289,42 +302,60 @@ impl Writer {
 }
 
 impl Pending<'_> {
-    fn apply(&mut self, op: Op) -> Result<OpOk, StoreError> {
+    fn apply(&mut self, op: Op) -> Answer {
         match op {
             Op::Submit {
                 evals,
                 idem_key,
                 max_queued,
-            } => self.submit(evals, idem_key, max_queued),
-            Op::Start { eval_id } => self.start(&eval_id),
-            Op::Finish { eval_id, fin } => self.finish(&eval_id, *fin),
-            Op::Cancel { eval_id } => self.cancel(&eval_id),
-            Op::InterruptRunning => self.interrupt_running(),
-            Op::SetCursor { sink, seq } => {
+                reply,
+            } => answer(reply, self.submit(evals, idem_key, max_queued)),
+            Op::Start { eval_id, reply } => answer(reply, self.start(&eval_id)),
+            Op::Finish {
+                eval_id,
+                fin,
+                reply,
+            } => answer(reply, self.finish(&eval_id, *fin)),
+            Op::Cancel { eval_id, reply } => answer(reply, self.cancel(&eval_id)),
+            Op::InterruptRunning { reply } => answer(reply, self.interrupt_running()),
+            Op::SetCursor { sink, seq, reply } => {
                 self.put_cursor(&sink, seq);
-                Ok(OpOk::Unit)
+                answer(reply, Ok(()))
             }
             Op::Confirm {
                 sink,
                 seq,
                 confirmations,
-            } => self.confirm(&sink, seq, confirmations),
+                reply,
+            } => {
+                self.confirm(&sink, seq, confirmations);
+                answer(reply, Ok(()))
+            }
             Op::DeadLetter {
                 sink,
                 event,
                 error,
                 attempts,
-            } => self.dead_letter(&sink, *event, error, attempts),
+                reply,
+            } => answer(reply, self.dead_letter(&sink, *event, error, attempts)),
             Op::Prune {
                 sinks,
                 older_than,
                 max,
-            } => self.prune(&sinks, &older_than, max),
-            Op::Replay { sink, from_seq } => self.replay(&sink, from_seq),
-            Op::Shutdown | Op::Ping => Ok(OpOk::Unit),
-            Op::Backup { .. } => Err(StoreError::Storage(
-                "backup is handled by the writer".into(),
-            )),
+                reply,
+            } => answer(reply, self.prune(&sinks, &older_than, max)),
+            Op::Replay {
+                sink,
+                from_seq,
+                reply,
+            } => answer(reply, self.replay(&sink, from_seq)),
+            Op::Shutdown { reply } | Op::Ping { reply } => answer(reply, Ok(())),
+            Op::Backup { reply, .. } => answer(
+                reply,
+                Err(StoreError::Storage(
+                    "backup is handled by the writer".into(),
+                )),
+            ),
         }
     }
 
@@ -340,10 +371,10 @@ impl Pending<'_> {
         }
     }
 
-    /// Write the record (with version + 1) and its event; move its status index entry.
-    /// The record is serialized once and embedded as-is in the event's `data`.
+    /// Write the record as a transition left it (its version already raised) and its
+    /// event; move its status index entry. The record is serialized once and embedded
+    /// as-is in the event's `data`.
     fn put(&mut self, mut rec: Evaluation, prev: Option<Status>, kind: EventType) -> &Evaluation {
-        rec.version += 1;
         if prev.is_none() {
             rec.created_seq = self.next_seq + 1;
         }
@@ -387,26 +418,20 @@ impl Pending<'_> {
     /// A sink's cursor and the confirmations it asked for, in one batch: the
     /// confirmations are events that do not change the record (`version` is the one they
     /// confirm).
-    fn confirm(
-        &mut self,
-        sink: &str,
-        seq: u64,
-        confirmations: Vec<crate::events::Confirmation>,
-    ) -> Result<OpOk, StoreError> {
+    fn confirm(&mut self, sink: &str, seq: u64, confirmations: Vec<Confirmation>) {
         for c in confirmations {
             let rec_json = json(&c.data);
             self.append_event(c.kind, &c.data, &rec_json);
         }
         self.put_cursor(sink, seq);
-        Ok(OpOk::Unit)
     }
 
     fn submit(
         &mut self,
-        evals: Vec<crate::model::NewEvaluation>,
+        evals: Vec<NewEvaluation>,
         idem_key: Option<String>,
         max_queued: u64,
-    ) -> Result<OpOk, StoreError> {
+    ) -> Result<Vec<Submitted>, StoreError> {
         if let Some(key) = &idem_key {
             let existing = match self.idem.get(key) {
                 Some(id) => Some(id.clone()),
@@ -417,11 +442,11 @@ impl Pending<'_> {
             };
             if let Some(id) = existing {
                 if let Some(rec) = self.load(&id)? {
-                    return Ok(OpOk::Submitted(vec![Submitted {
+                    return Ok(vec![Submitted {
                         eval_id: id,
                         status: rec.status,
                         existing: true,
-                    }]));
+                    }]);
                 }
             }
         }
@@ -437,14 +462,14 @@ impl Pending<'_> {
         for e in evals {
             // Time-ordered (UUIDv7): record keys append at the right edge of the tree
             // instead of touching random leaves, and key order is creation order.
-            let rec = Evaluation::queued(
+            let (rec, kind) = Evaluation::submitted(
                 uuid::Uuid::now_v7().to_string(),
                 self.node.to_string(),
                 created_at.clone(),
                 e,
             );
             let id = rec.eval_id.clone();
-            self.put(rec, None, EventType::Queued);
+            self.put(rec, None, kind);
             self.depth += 1;
             out.push(Submitted {
                 eval_id: id,
@@ -457,75 +482,35 @@ impl Pending<'_> {
                 .insert(keys::idem(&key), first.eval_id.as_bytes());
             self.idem.insert(key, first.eval_id.clone());
         }
-        Ok(OpOk::Submitted(out))
+        Ok(out)
     }
 
-    fn start(&mut self, id: &str) -> Result<OpOk, StoreError> {
+    fn start(&mut self, id: &str) -> Result<Evaluation, StoreError> {
         let rec = self.load(id)?.ok_or(StoreError::NotFound)?;
-        if rec.status != Status::Queued {
-            return Err(StoreError::WrongState(rec.status.as_str(), "queued"));
-        }
-        let mut next = rec.clone();
-        next.status = Status::Running;
-        next.started_at = Some(now());
+        let (next, kind) = rec.start(&now())?;
         self.depth = self.depth.saturating_sub(1);
         self.running += 1;
-        let out = self
-            .put(next, Some(Status::Queued), EventType::Started)
-            .clone();
-        Ok(OpOk::Record(Box::new(out)))
+        Ok(self.put(next, Some(rec.status), kind).clone())
     }
 
-    fn finish(&mut self, id: &str, fin: super::Finish) -> Result<OpOk, StoreError> {
+    fn finish(&mut self, id: &str, fin: Finish) -> Result<Evaluation, StoreError> {
         let rec = self.load(id)?.ok_or(StoreError::NotFound)?;
-        if rec.status.is_terminal() {
-            return Err(StoreError::AlreadyTerminal(rec.status.as_str()));
-        }
-        if rec.status != Status::Running || !fin.status.is_terminal() {
-            return Err(StoreError::WrongState(rec.status.as_str(), "running"));
-        }
-        let mut next = rec;
-        next.status = fin.status;
-        next.completed_at = Some(now());
-        next.exit_code = fin.exit_code;
-        next.output = fin.output;
-        next.stderr = fin.stderr;
-        next.output_truncated = fin.output_truncated;
-        next.failure_reason = fin.failure_reason;
-        next.error = fin.error;
-        next.runtime_ms = fin.runtime_ms;
-        next.success = Some(fin.status == Status::Completed);
+        let (next, kind) = rec.finish(fin, &now())?;
         self.running = self.running.saturating_sub(1);
-        let kind = EventType::for_status(fin.status);
-        let out = self.put(next, Some(Status::Running), kind).clone();
-        Ok(OpOk::Record(Box::new(out)))
+        Ok(self.put(next, Some(rec.status), kind).clone())
     }
 
-    fn cancel(&mut self, id: &str) -> Result<OpOk, StoreError> {
+    fn cancel(&mut self, id: &str) -> Result<(Evaluation, Status), StoreError> {
         let rec = self.load(id)?.ok_or(StoreError::NotFound)?;
-        let prev = rec.status;
-        match prev {
-            Status::Queued => {
-                self.depth = self.depth.saturating_sub(1);
-            }
-            Status::Running => {
-                self.running = self.running.saturating_sub(1);
-            }
-            s => return Err(StoreError::AlreadyTerminal(s.as_str())),
+        let (next, kind) = rec.cancel(&now())?;
+        match rec.status {
+            Status::Queued => self.depth = self.depth.saturating_sub(1),
+            _ => self.running = self.running.saturating_sub(1),
         }
-        let mut next = rec;
-        next.status = Status::Cancelled;
-        next.completed_at = Some(now());
-        next.success = Some(false);
-        next.error = Some(match prev {
-            Status::Running => "cancelled by request while running".to_string(),
-            _ => "cancelled by request before it started".to_string(),
-        });
-        let out = self.put(next, Some(prev), EventType::Cancelled).clone();
-        Ok(OpOk::Cancelled(Box::new(out), prev))
+        Ok((self.put(next, Some(rec.status), kind).clone(), rec.status))
     }
 
-    fn interrupt_running(&mut self) -> Result<OpOk, StoreError> {
+    fn interrupt_running(&mut self) -> Result<u64, StoreError> {
         let mut ids = Vec::new();
         for item in self
             .tree
@@ -537,23 +522,14 @@ impl Pending<'_> {
         let mut n = 0;
         for id in ids {
             let Some(rec) = self.load(&id)? else { continue };
-            if rec.status != Status::Running {
+            let Ok((next, kind)) = rec.interrupt(&now()) else {
                 continue;
-            }
-            let mut next = rec;
-            next.status = Status::Failed;
-            next.completed_at = Some(now());
-            next.success = Some(false);
-            next.failure_reason = Some(FailureReason::Interrupted);
-            next.error = Some(
-                "the appliance stopped while this evaluation was running; it was not finished"
-                    .to_string(),
-            );
+            };
             self.running = self.running.saturating_sub(1);
-            self.put(next, Some(Status::Running), EventType::Failed);
+            self.put(next, Some(rec.status), kind);
             n += 1;
         }
-        Ok(OpOk::Count(n))
+        Ok(n)
     }
 
     fn cursor_of(&self, sink: &str) -> Result<Option<u64>, StoreError> {
@@ -577,7 +553,7 @@ impl Pending<'_> {
         event: Event,
         error: String,
         attempts: u32,
-    ) -> Result<OpOk, StoreError> {
+    ) -> Result<(), StoreError> {
         let seq = event.seq;
         let dl = DeadLetter {
             sink: sink.to_string(),
@@ -595,7 +571,7 @@ impl Pending<'_> {
         if seq > cur {
             self.put_cursor(sink, seq);
         }
-        Ok(OpOk::Unit)
+        Ok(())
     }
 
     fn oldest(&self) -> Result<u64, StoreError> {
@@ -613,7 +589,7 @@ impl Pending<'_> {
         sinks: &[String],
         older_than: &str,
         max: usize,
-    ) -> Result<OpOk, StoreError> {
+    ) -> Result<Pruned, StoreError> {
         let oldest = self.oldest()?;
         let mut floor = self.next_seq;
         for s in sinks {
@@ -646,10 +622,10 @@ impl Pending<'_> {
             }
         }
         let oldest = self.oldest()?;
-        Ok(OpOk::Pruned(Pruned { removed, oldest }))
+        Ok(Pruned { removed, oldest })
     }
 
-    fn replay(&mut self, sink: &str, from_seq: u64) -> Result<OpOk, StoreError> {
+    fn replay(&mut self, sink: &str, from_seq: u64) -> Result<u64, StoreError> {
         let oldest = self.oldest()?;
         let head = self.next_seq;
         if from_seq < oldest.max(1) || from_seq > head + 1 {
@@ -661,7 +637,7 @@ impl Pending<'_> {
         }
         let cursor = from_seq - 1;
         self.put_cursor(sink, cursor);
-        Ok(OpOk::Cursor(cursor))
+        Ok(cursor)
     }
 }
 
