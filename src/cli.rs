@@ -170,7 +170,7 @@ pub fn main() -> i32 {
                     claim_idle_ms,
                 },
         } => {
-            let opts = crate::sinks::redis::TailOptions {
+            let opts = crate::client::tail::TailOptions {
                 url: redis
                     .or_else(|| std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty()))
                     .unwrap_or_else(|| "redis://127.0.0.1:6379".into()),
@@ -192,7 +192,7 @@ fn default_consumer() -> String {
     format!("tail-{host}")
 }
 
-fn tail(opts: crate::sinks::redis::TailOptions) -> i32 {
+fn tail(opts: crate::client::tail::TailOptions) -> i32 {
     let rt = match small_runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
@@ -205,7 +205,7 @@ fn tail(opts: crate::sinks::redis::TailOptions) -> i32 {
             s.cancel();
         });
         let mut out = std::io::stdout();
-        match crate::sinks::redis::tail(opts, &mut out, stop).await {
+        match crate::client::tail::tail(opts, &mut out, stop).await {
             Ok(_) => 0,
             Err(e) => {
                 eprintln!("crucible: {e}");

@@ -33,6 +33,8 @@ pub mod model;
 pub mod ops;
 pub mod outbox;
 pub mod queue;
+pub mod redis;
+pub mod redis_rr;
 pub mod service;
 pub mod sinks;
 pub mod store;

@@ -65,7 +65,7 @@ pub struct State {
     /// The PostgreSQL sync, when configured.
     pub postgres: Option<Arc<crate::sinks::postgres::Postgres>>,
     /// The Redis connection, when configured.
-    pub redis: Option<Arc<crate::sinks::redis::Redis>>,
+    pub redis: Option<Arc<crate::redis::Redis>>,
     pub cfg: Arc<Config>,
     pub store: Arc<Store>,
     pub queue: Arc<Queue>,

@@ -4,5 +4,7 @@
 pub mod failpoint;
 pub mod logging;
 pub mod metrics;
+pub mod report;
 pub mod signals;
 pub mod systemd;
+pub mod worker;

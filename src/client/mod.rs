@@ -1,5 +1,8 @@
-//! A small HTTP client for the API (plain HTTP on a local address), used by the client
-//! commands of the CLI and by the integration tests.
+//! Clients of a running appliance: a small HTTP client for the API (plain HTTP on a local
+//! address), used by the client commands of the CLI and by the integration tests, and
+//! [`tail`], the Redis stream consumer behind `crucible events tail`.
+
+pub mod tail;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response};

@@ -1,0 +1,93 @@
+//! The one way a subsystem reports itself: its entry in `/health` and its rows in
+//! `/metrics`. Each subsystem (store, queue, executor, the outbox with its sinks, each
+//! external connection) implements [`Report`]; `app` registers them in [`Reporters`], and
+//! the gateway loops over the list. A new sink or subsystem reports itself without
+//! touching the gateway.
+
+use crate::ops::metrics::Exposition;
+use crate::BoxFuture;
+use serde_json::{Map, Value};
+use std::sync::Arc;
+
+/// How a subsystem's state weighs on the appliance's `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    /// Working.
+    Ok,
+    /// Working partly (a sink is down, the executor cannot run): `status` = `degraded`.
+    Degraded,
+    /// Cannot do its job (the store cannot write): `status` = `unhealthy`, 503.
+    Unhealthy,
+}
+
+/// A subsystem's entry in `/health`.
+#[derive(Debug, Clone)]
+pub struct Health {
+    pub level: Level,
+    pub detail: Value,
+}
+
+impl Health {
+    /// `detail` at `level`.
+    pub fn new(level: Level, detail: Value) -> Health {
+        Health { level, detail }
+    }
+}
+
+/// A subsystem that reports its health and metrics.
+pub trait Report: Send + Sync {
+    /// The key of its entry in `/health` (`store`, `queue`, `executor`, `sinks`, ...).
+    fn key(&self) -> &'static str;
+    /// Its state now.
+    fn health(&self) -> BoxFuture<'_, Health>;
+    /// Its rows in `/metrics`.
+    fn metrics(&self, out: &mut Exposition);
+}
+
+/// A subsystem that is not configured: `null` in `/health`, no metrics. Keeps the shape
+/// of `/health` the same whether or not an optional subsystem (Redis, PostgreSQL) is on.
+pub struct NotConfigured(pub &'static str);
+
+impl Report for NotConfigured {
+    fn key(&self) -> &'static str {
+        self.0
+    }
+
+    fn health(&self) -> BoxFuture<'_, Health> {
+        Box::pin(async { Health::new(Level::Ok, Value::Null) })
+    }
+
+    fn metrics(&self, _out: &mut Exposition) {}
+}
+
+/// The registered reporters, in the order their entries appear.
+#[derive(Default, Clone)]
+pub struct Reporters {
+    list: Vec<Arc<dyn Report>>,
+}
+
+impl Reporters {
+    /// Register a reporter.
+    pub fn add(&mut self, r: Arc<dyn Report>) {
+        self.list.push(r);
+    }
+
+    /// Every entry, and the worst level among them.
+    pub async fn health(&self) -> (Level, Map<String, Value>) {
+        let mut worst = Level::Ok;
+        let mut map = Map::new();
+        for r in &self.list {
+            let h = r.health().await;
+            worst = worst.max(h.level);
+            map.insert(r.key().to_string(), h.detail);
+        }
+        (worst, map)
+    }
+
+    /// Every reporter's metric rows.
+    pub fn metrics(&self, out: &mut Exposition) {
+        for r in &self.list {
+            r.metrics(out);
+        }
+    }
+}
