@@ -5,8 +5,9 @@
 use crate::config::{Config, ExecutorKind};
 use crate::executor::docker::DockerExecutor;
 use crate::executor::sandbox::{default_work_dir, SandboxExecutor};
-use crate::executor::Executor;
+use crate::executor::{Executor, ExecutorReport};
 use crate::gateway::{self, HttpStats, State};
+use crate::ops::report::{NotConfigured, Report, Reporters};
 use crate::outbox::{Outbox, Sink};
 use crate::queue::Queue;
 use crate::redis::Redis;
@@ -90,16 +91,19 @@ pub async fn run(
     }
 
     let mut sinks: Vec<Arc<dyn Sink>> = Vec::new();
+    // Registered in the order of their /health entries.
+    let mut reporters = Reporters::default();
+    reporters.add(store.clone());
     if let Some(f) = &cfg.sinks.file {
         sinks.push(Arc::new(FileSink::open(&f.path).map_err(|e| anyhow!(e))?));
     }
-    let postgres = match &cfg.postgres.url {
+    let postgres: Arc<dyn Report> = match &cfg.postgres.url {
         Some(_) => {
             let pg = Postgres::new(&cfg.postgres).map_err(|e| anyhow!(e))?;
             sinks.push(Arc::new(PostgresSink::new(pg.clone())));
-            Some(pg)
+            pg
         }
-        None => None,
+        None => Arc::new(NotConfigured("postgres")),
     };
     let redis = match &cfg.redis.url {
         Some(_) => {
@@ -114,9 +118,18 @@ pub async fn run(
         store.clone(),
         executor.clone(),
         cfg.workers,
+        cfg.max_queued,
         cfg.limits.memory_mb,
         cfg.start_paused,
     );
+    reporters.add(queue.clone());
+    reporters.add(Arc::new(ExecutorReport(executor.clone())));
+    reporters.add(outbox.clone());
+    match &redis {
+        Some(r) => reporters.add(r.clone()),
+        None => reporters.add(Arc::new(NotConfigured("redis"))),
+    }
+    reporters.add(postgres);
     let tracker = TaskTracker::new();
     let relay_stop = CancellationToken::new();
     outbox.start(&tracker, relay_stop.clone());
@@ -142,6 +155,7 @@ pub async fn run(
         store: store.clone(),
         executor: executor.clone(),
         queue: queue.clone(),
+        outbox: outbox.clone(),
         shutdown: shutdown.clone(),
         accepted: std::sync::atomic::AtomicU64::new(0),
     });
@@ -152,14 +166,9 @@ pub async fn run(
         }
     }
     let state = Arc::new(State {
-        postgres: postgres.clone(),
-        redis: redis.clone(),
         service: service.clone(),
+        reporters,
         cfg: cfg.clone(),
-        store: store.clone(),
-        queue: queue.clone(),
-        executor: executor.clone(),
-        outbox,
         started: Instant::now(),
         shutdown: shutdown.clone(),
         stats: HttpStats::default(),

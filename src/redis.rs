@@ -8,9 +8,12 @@
 //! operations instead).
 
 use crate::config::RedisConfig;
+use crate::ops::metrics::Exposition;
 use crate::ops::metrics::LabeledCounter;
+use crate::ops::report::{Health, Level, Report};
+use crate::BoxFuture;
 use fred::prelude::{Builder, Client, ClientLike, Config as FredConfig, ReconnectPolicy};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -92,16 +95,55 @@ impl Redis {
     pub async fn quit(&self) {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.client.quit()).await;
     }
+}
 
-    /// State for /health.
-    pub fn health(&self) -> Value {
-        json!({
-            "connected": self.is_connected(),
-            "stream": self.cfg.stream,
-            "request_channel": self.cfg.request_channel,
-            "requests": self.stats.requests.snapshot().iter().map(|(_, n)| n).sum::<u64>(),
-            "malformed": self.stats.malformed.load(Ordering::Relaxed),
-            "dropped": self.stats.dropped.load(Ordering::Relaxed),
+impl Report for Redis {
+    fn key(&self) -> &'static str {
+        "redis"
+    }
+
+    fn health(&self) -> BoxFuture<'_, Health> {
+        Box::pin(async move {
+            Health::new(
+                Level::Ok,
+                json!({
+                    "connected": self.is_connected(),
+                    "stream": self.cfg.stream,
+                    "request_channel": self.cfg.request_channel,
+                    "requests": self.stats.requests.snapshot().iter().map(|(_, n)| n).sum::<u64>(),
+                    "malformed": self.stats.malformed.load(Ordering::Relaxed),
+                    "dropped": self.stats.dropped.load(Ordering::Relaxed),
+                }),
+            )
         })
+    }
+
+    fn metrics(&self, e: &mut Exposition) {
+        e.flag(
+            "crucible_redis_connected",
+            "1 while the Redis connection is up.",
+            self.is_connected(),
+        );
+        e.labeled(
+            "crucible_redis_requests_total",
+            "Request/reply requests by type and outcome.",
+            &["type", "outcome"],
+            &self.stats.requests,
+        );
+        e.counter(
+            "crucible_redis_requests_malformed_total",
+            "Messages on the request channel that were not requests (no JSON or no reply_to).",
+            self.stats.malformed.load(Ordering::Relaxed),
+        );
+        e.counter(
+            "crucible_redis_requests_dropped_total",
+            "Requests dropped by the subscriber buffer because the responder fell behind.",
+            self.stats.dropped.load(Ordering::Relaxed),
+        );
+        e.counter(
+            "crucible_redis_reply_errors_total",
+            "Replies that could not be published.",
+            self.stats.reply_errors.load(Ordering::Relaxed),
+        );
     }
 }

@@ -6,16 +6,19 @@
 
 use crate::config::Config;
 use crate::error::{ApiError, Code};
+use crate::events::Event;
 use crate::executor::Executor;
 use crate::model::{
     validate_submission, Evaluation, FieldError, NewEvaluation, Status, SubmitRules,
 };
+use crate::outbox::{Outbox, ReplayError, SinkReport};
 use crate::queue::Queue;
-use crate::store::{Store, Submitted};
+use crate::store::{BackupInfo, DeadLetter, Store, Submitted};
 use serde::Serialize;
 use serde_json::Value;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// Most evaluations in one batch.
@@ -33,6 +36,7 @@ pub struct Service {
     pub store: Arc<Store>,
     pub executor: Arc<dyn Executor>,
     pub queue: Arc<Queue>,
+    pub outbox: Arc<Outbox>,
     pub shutdown: CancellationToken,
     /// Evaluations durably accepted (new ones, not idempotent repeats), all transports.
     pub accepted: AtomicU64,
@@ -254,6 +258,84 @@ impl Service {
         }
         tracing::info!(eval_id = %id, status = "cancelled", previous = prev.as_str(), "evaluation cancelled");
         Ok(rec)
+    }
+}
+
+/// Administration and the event log.
+impl Service {
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        self.store.node_id()
+    }
+
+    /// Every sink's delivery state.
+    pub fn sinks(&self) -> Vec<SinkReport> {
+        self.outbox.reports()
+    }
+
+    /// Redeliver `sink`'s events from `from_seq`; returns the new cursor.
+    pub async fn replay(&self, sink: &str, from_seq: u64) -> Result<u64, ApiError> {
+        match self.outbox.replay(sink, from_seq).await {
+            Ok(cursor) => {
+                tracing::info!(sink, from_seq, "replay requested");
+                Ok(cursor)
+            }
+            Err(ReplayError::UnknownSink(_)) => Err(ApiError::not_found("sink")),
+            Err(ReplayError::Store(e)) => Err(e.into()),
+        }
+    }
+
+    /// Dead letters of one sink (or all), oldest first.
+    pub fn dead_letters(
+        &self,
+        sink: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, ApiError> {
+        Ok(self.store.dead_letters(sink, limit)?)
+    }
+
+    /// A consistent copy of the store in `dest` (default `<data_dir>/backups/<time>`).
+    pub async fn backup(&self, dest: Option<std::path::PathBuf>) -> Result<BackupInfo, ApiError> {
+        let dest = match dest {
+            Some(d) => d,
+            None => {
+                let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
+                let base = std::path::absolute(&self.cfg.data_dir)
+                    .unwrap_or_else(|_| self.cfg.data_dir.clone());
+                base.join("backups").join(stamp)
+            }
+        };
+        Ok(self.store.backup(dest).await?)
+    }
+
+    /// Pause or resume dispatching; returns whether it is paused now.
+    pub fn set_paused(&self, paused: bool) -> bool {
+        if paused {
+            self.queue.pause();
+        } else {
+            self.queue.resume();
+        }
+        self.queue.is_paused()
+    }
+
+    /// The durable head: the last seq covered by a finished flush.
+    pub fn head(&self) -> u64 {
+        self.store.head()
+    }
+
+    /// Watch the durable head.
+    pub fn subscribe_head(&self) -> watch::Receiver<u64> {
+        self.store.subscribe_head()
+    }
+
+    /// The lowest retained seq.
+    pub fn oldest_seq(&self) -> Result<u64, ApiError> {
+        Ok(self.store.oldest_seq()?)
+    }
+
+    /// Events with `after < seq <= upto`, at most `max`.
+    pub fn events(&self, after: u64, upto: u64, max: usize) -> Result<Vec<Event>, ApiError> {
+        Ok(self.store.events(after, upto, max)?)
     }
 }
 

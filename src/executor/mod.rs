@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_util::sync::CancellationToken;
 
+use crate::ops::report::{Health, Level, Report};
 pub use crate::BoxFuture;
 
 /// What to run.
@@ -102,6 +103,27 @@ pub trait Executor: Send + Sync + 'static {
     /// outside this process (e.g. containers).
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
+    }
+}
+
+/// The executor as a reporter (`executor` in /health; degraded when it cannot run).
+pub struct ExecutorReport(pub std::sync::Arc<dyn Executor>);
+
+impl Report for ExecutorReport {
+    fn key(&self) -> &'static str {
+        "executor"
+    }
+
+    fn health(&self) -> BoxFuture<'_, Health> {
+        Box::pin(async move {
+            let h = self.0.health().await;
+            let level = if h.ok { Level::Ok } else { Level::Degraded };
+            Health::new(level, serde_json::to_value(&h).unwrap_or_default())
+        })
+    }
+
+    fn metrics(&self, e: &mut crate::ops::metrics::Exposition) {
+        self.0.metrics(e);
     }
 }
 

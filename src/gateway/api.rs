@@ -3,6 +3,7 @@
 use super::{bytes_response, json_response, ApiError, Body, State};
 use crate::error::Code;
 use crate::ops::metrics::{rss_bytes, Exposition};
+use crate::ops::report::Level;
 use crate::service::{check_idempotency_key, ListQuery};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -198,50 +199,24 @@ pub async fn list(state: &State, query: Option<&str>) -> Result<Response<Body>, 
 }
 
 pub async fn health(state: &State) -> Response<Body> {
-    let shared = state.store.shared();
-    let store_ok = shared.healthy.load(Ordering::SeqCst);
-    let exec = state.executor.health().await;
-    let sinks = state.outbox.reports();
-    let sinks_ok = sinks.iter().all(|s| s.ok);
-    let redis = state.redis.as_ref().map(|r| r.health());
-    let postgres = state.postgres.as_ref().map(|p| p.health());
+    let (level, entries) = state.reporters.health().await;
     let shutting_down = state.shutdown.is_cancelled();
-    let status = if !store_ok || shutting_down {
-        "unhealthy"
-    } else if !exec.ok || !sinks_ok {
-        "degraded"
-    } else {
-        "ok"
+    let status = match level {
+        _ if shutting_down => "unhealthy",
+        Level::Unhealthy => "unhealthy",
+        Level::Degraded => "degraded",
+        Level::Ok => "ok",
     };
-    let mut sink_map = serde_json::Map::new();
-    for s in sinks {
-        sink_map.insert(s.name.clone(), to_value(&s));
-    }
-    let body = json!({
+    let mut body = json!({
         "status": status,
         "version": env!("CARGO_PKG_VERSION"),
-        "node": state.store.node_id(),
+        "node": state.service.node_id(),
         "uptime_secs": state.started.elapsed().as_secs(),
         "shutting_down": shutting_down,
-        "store": {
-            "ok": store_ok,
-            "head_seq": state.store.head(),
-            "oldest_seq": state.store.oldest_seq().ok(),
-            "size_on_disk_bytes": state.store.size_on_disk(),
-            "last_error": shared.last_error.lock().ok().and_then(|e| e.clone()),
-        },
-        "queue": {
-            "depth": state.store.queue_depth(),
-            "max_queued": state.cfg.max_queued,
-            "running": state.store.running_count(),
-            "workers": state.queue.workers(),
-            "paused": state.queue.is_paused(),
-        },
-        "executor": exec,
-        "sinks": sink_map,
-        "redis": redis,
-        "postgres": postgres,
     });
+    if let Value::Object(m) = &mut body {
+        m.extend(entries);
+    }
     let code = if status == "unhealthy" {
         StatusCode::SERVICE_UNAVAILABLE
     } else {
@@ -252,7 +227,6 @@ pub async fn health(state: &State) -> Response<Body> {
 
 pub async fn metrics(state: &State) -> Response<Body> {
     let mut e = Exposition::default();
-    let s = state.store.shared();
     e.gauge("crucible_up", "1 while the appliance is serving.", 1.0);
     e.gauge(
         "crucible_uptime_seconds",
@@ -269,190 +243,13 @@ pub async fn metrics(state: &State) -> Response<Body> {
         "Evaluations durably accepted (HTTP and Redis request/reply).",
         state.service.accepted.load(Ordering::Relaxed),
     );
-    e.labeled(
-        "crucible_evaluations_finished_total",
-        "Evaluations that reached a terminal state through a worker.",
-        &["status", "failure_reason"],
-        &state.queue.stats.finished,
-    );
-    e.histogram(
-        "crucible_execution_seconds",
-        "Wall-clock time of executions.",
-        &state.queue.stats.run_seconds,
-    );
-    e.gauge(
-        "crucible_queue_depth",
-        "Evaluations waiting to run.",
-        state.store.queue_depth() as f64,
-    );
-    e.gauge(
-        "crucible_queue_capacity",
-        "max_queued.",
-        state.cfg.max_queued as f64,
-    );
-    e.gauge(
-        "crucible_running",
-        "Evaluations running.",
-        state.store.running_count() as f64,
-    );
-    e.gauge(
-        "crucible_workers",
-        "Concurrency cap.",
-        state.queue.workers() as f64,
-    );
-    e.flag(
-        "crucible_queue_paused",
-        "1 when dispatching is paused.",
-        state.queue.is_paused(),
-    );
-    e.flag(
-        "crucible_store_healthy",
-        "1 when the last store write succeeded.",
-        s.healthy.load(Ordering::SeqCst),
-    );
-    e.gauge(
-        "crucible_outbox_head_seq",
-        "Last durable event seq.",
-        state.store.head() as f64,
-    );
-    e.gauge(
-        "crucible_store_size_bytes",
-        "Bytes the sled store occupies on disk.",
-        state.store.size_on_disk() as f64,
-    );
-    e.counter(
-        "crucible_store_batches_total",
-        "Group-commit batches applied and flushed.",
-        s.stats.batches.load(Ordering::Relaxed),
-    );
-    e.counter(
-        "crucible_store_ops_total",
-        "Store operations applied.",
-        s.stats.ops.load(Ordering::Relaxed),
-    );
-    e.counter(
-        "crucible_store_events_total",
-        "Events appended to the log.",
-        s.stats.events.load(Ordering::Relaxed),
-    );
-    e.counter(
-        "crucible_store_errors_total",
-        "Failed store batches.",
-        s.stats.errors.load(Ordering::Relaxed),
-    );
-    e.histogram(
-        "crucible_store_flush_seconds",
-        "Time of each group-commit flush.",
-        &s.stats.flush_seconds,
-    );
-    e.histogram(
-        "crucible_store_batch_ops",
-        "Operations per group-commit batch.",
-        &s.stats.batch_size,
-    );
-    e.counter(
-        "crucible_outbox_pruned_total",
-        "Delivered events pruned from the log.",
-        state.outbox.pruned.load(Ordering::Relaxed),
-    );
-    let reports = state.outbox.reports();
-    let rows = |f: &dyn Fn(&crate::outbox::SinkReport) -> f64| -> Vec<(Vec<String>, f64)> {
-        reports
-            .iter()
-            .map(|r| (vec![r.name.clone()], f(r)))
-            .collect()
-    };
-    e.family(
-        "crucible_outbox_cursor",
-        "gauge",
-        "Last seq delivered to the sink.",
-        &["sink"],
-        &rows(&|r| r.cursor as f64),
-    );
-    e.family(
-        "crucible_outbox_backlog",
-        "gauge",
-        "Events not yet delivered to the sink.",
-        &["sink"],
-        &rows(&|r| r.backlog as f64),
-    );
-    e.family(
-        "crucible_outbox_oldest_undelivered_age_seconds",
-        "gauge",
-        "Age of the oldest event not yet delivered (0 when none).",
-        &["sink"],
-        &rows(&|r| r.oldest_undelivered_age_secs.unwrap_or(0.0)),
-    );
-    e.family(
-        "crucible_outbox_delivered_total",
-        "counter",
-        "Events delivered to the sink.",
-        &["sink"],
-        &rows(&|r| r.delivered as f64),
-    );
-    e.family(
-        "crucible_outbox_retries_total",
-        "counter",
-        "Failed delivery attempts.",
-        &["sink"],
-        &rows(&|r| r.retries as f64),
-    );
-    e.family(
-        "crucible_outbox_dead_letters",
-        "gauge",
-        "Events parked as dead letters.",
-        &["sink"],
-        &rows(&|r| r.dead_letters as f64),
-    );
-    e.family(
-        "crucible_outbox_sink_up",
-        "gauge",
-        "1 when the last delivery to the sink succeeded.",
-        &["sink"],
-        &rows(&|r| if r.ok { 1.0 } else { 0.0 }),
-    );
+    state.reporters.metrics(&mut e);
     e.labeled(
         "crucible_http_requests_total",
         "HTTP requests by route and status.",
         &["route", "code"],
         &state.stats.requests,
     );
-    state.executor.metrics(&mut e);
-    if let Some(p) = &state.postgres {
-        e.flag(
-            "crucible_postgres_connected",
-            "1 while the PostgreSQL sync is connected and its last write succeeded.",
-            p.is_connected(),
-        );
-    }
-    if let Some(r) = &state.redis {
-        e.flag(
-            "crucible_redis_connected",
-            "1 while the Redis connection is up.",
-            r.is_connected(),
-        );
-        e.labeled(
-            "crucible_redis_requests_total",
-            "Request/reply requests by type and outcome.",
-            &["type", "outcome"],
-            &r.stats.requests,
-        );
-        e.counter(
-            "crucible_redis_requests_malformed_total",
-            "Messages on the request channel that were not requests (no JSON or no reply_to).",
-            r.stats.malformed.load(Ordering::Relaxed),
-        );
-        e.counter(
-            "crucible_redis_requests_dropped_total",
-            "Requests dropped by the subscriber buffer because the responder fell behind.",
-            r.stats.dropped.load(Ordering::Relaxed),
-        );
-        e.counter(
-            "crucible_redis_reply_errors_total",
-            "Replies that could not be published.",
-            r.stats.reply_errors.load(Ordering::Relaxed),
-        );
-    }
     e.histogram(
         "crucible_http_request_seconds",
         "HTTP request latency.",
@@ -471,7 +268,7 @@ pub async fn metrics(state: &State) -> Response<Body> {
 }
 
 pub fn sinks(state: &State) -> Response<Body> {
-    json_response(StatusCode::OK, &json!({ "sinks": state.outbox.reports() }))
+    json_response(StatusCode::OK, &json!({ "sinks": state.service.sinks() }))
 }
 
 pub async fn replay(
@@ -487,17 +284,11 @@ pub async fn replay(
         .ok_or_else(|| {
             ApiError::invalid_field("from_seq", "`from_seq` must be a positive integer")
         })?;
-    match state.outbox.replay(name, from).await {
-        Ok(cursor) => {
-            tracing::info!(sink = name, from_seq = from, "replay requested");
-            Ok(json_response(
-                StatusCode::OK,
-                &json!({"sink": name, "cursor": cursor, "from_seq": from}),
-            ))
-        }
-        Err(crate::outbox::ReplayError::UnknownSink(_)) => Err(ApiError::not_found("sink")),
-        Err(crate::outbox::ReplayError::Store(e)) => Err(e.into()),
-    }
+    let cursor = state.service.replay(name, from).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"sink": name, "cursor": cursor, "from_seq": from}),
+    ))
 }
 
 pub fn dead_letters(state: &State, query: Option<&str>) -> Result<Response<Body>, ApiError> {
@@ -515,7 +306,7 @@ pub fn dead_letters(state: &State, query: Option<&str>) -> Result<Response<Body>
         },
     };
     let sink = q.get("sink").map(|s| s.as_str()).filter(|s| !s.is_empty());
-    let items = state.store.dead_letters(sink, limit)?;
+    let items = state.service.dead_letters(sink, limit)?;
     Ok(json_response(
         StatusCode::OK,
         &json!({ "dead_letters": items }),
@@ -530,13 +321,8 @@ pub async fn backup(
 ) -> Result<Response<Body>, ApiError> {
     let body = read_json(state, req).await?;
     let dest = match body.value.get("path") {
-        None | Some(Value::Null) => {
-            let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
-            let base = std::path::absolute(&state.cfg.data_dir)
-                .unwrap_or_else(|_| state.cfg.data_dir.clone());
-            base.join("backups").join(stamp)
-        }
-        Some(Value::String(p)) if p.starts_with('/') => std::path::PathBuf::from(p),
+        None | Some(Value::Null) => None,
+        Some(Value::String(p)) if p.starts_with('/') => Some(std::path::PathBuf::from(p)),
         Some(_) => {
             return Err(ApiError::invalid_field(
                 "path",
@@ -544,17 +330,13 @@ pub async fn backup(
             ))
         }
     };
-    let info = state.store.backup(dest).await?;
+    let info = state.service.backup(dest).await?;
     Ok(json_response(StatusCode::OK, &to_value(&info)))
 }
 
 pub fn pause_resume(state: &State, action: &str) -> Response<Body> {
-    if action == "pause" {
-        state.queue.pause();
-    } else {
-        state.queue.resume();
-    }
-    json_response(StatusCode::OK, &json!({"paused": state.queue.is_paused()}))
+    let paused = state.service.set_paused(action == "pause");
+    json_response(StatusCode::OK, &json!({ "paused": paused }))
 }
 
 #[cfg(test)]

@@ -14,11 +14,8 @@ mod ui;
 pub use crate::error::ApiError;
 
 use crate::config::Config;
-use crate::executor::Executor;
 use crate::ops::metrics::{Histogram, LabeledCounter};
-use crate::outbox::Outbox;
-use crate::queue::Queue;
-use crate::store::Store;
+use crate::ops::report::Reporters;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
@@ -62,15 +59,9 @@ impl Default for HttpStats {
 pub struct State {
     /// The transport-independent operations.
     pub service: Arc<crate::service::Service>,
-    /// The PostgreSQL sync, when configured.
-    pub postgres: Option<Arc<crate::sinks::postgres::Postgres>>,
-    /// The Redis connection, when configured.
-    pub redis: Option<Arc<crate::redis::Redis>>,
+    /// Every subsystem's /health entry and /metrics rows.
+    pub reporters: Reporters,
     pub cfg: Arc<Config>,
-    pub store: Arc<Store>,
-    pub queue: Arc<Queue>,
-    pub executor: Arc<dyn Executor>,
-    pub outbox: Arc<Outbox>,
     pub started: Instant,
     pub shutdown: CancellationToken,
     pub stats: HttpStats,

@@ -26,7 +26,7 @@ pub fn events(state: &Arc<State>, req: &Request<Incoming>) -> Result<Response<Bo
         .map(|s| s.trim().to_string());
     let from = from_header.or_else(|| q.get("last_event_id").cloned());
     let mut cursor = match from.as_deref() {
-        None | Some("") => state.store.head(),
+        None | Some("") => state.service.head(),
         Some(s) => s.parse::<u64>().map_err(|_| {
             ApiError::invalid_field(
                 "Last-Event-ID",
@@ -34,7 +34,7 @@ pub fn events(state: &Arc<State>, req: &Request<Incoming>) -> Result<Response<Bo
             )
         })?,
     };
-    let head = state.store.head();
+    let head = state.service.head();
     if cursor > head {
         cursor = head;
     }
@@ -72,13 +72,13 @@ async fn pump(
     filter: Option<String>,
 ) {
     let keepalive = Duration::from_secs(st.cfg.http.sse_keepalive_secs);
-    let mut head_rx = st.store.subscribe_head();
-    let oldest = st.store.oldest_seq().unwrap_or(1);
+    let mut head_rx = st.service.subscribe_head();
+    let oldest = st.service.oldest_seq().unwrap_or(1);
     // `after N`: the stream continues after seq N (a client that drops before the first
     // event resumes from there); `head`: the newest seq right now.
     let mut hello = format!(
         "retry: 2000\n: crucible event stream; after {cursor}; head {}\n",
-        st.store.head()
+        st.service.head()
     );
     if cursor + 1 < oldest {
         hello.push_str(&format!(
@@ -90,9 +90,9 @@ async fn pump(
         return;
     }
     loop {
-        let head = st.store.head();
+        let head = st.service.head();
         while cursor < head {
-            let batch = match st.store.events(cursor, head, 256) {
+            let batch = match st.service.events(cursor, head, 256) {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::warn!(error = %e, "event stream cannot read the log");

@@ -13,6 +13,8 @@
 
 use crate::config::OutboxConfig;
 use crate::events::{Confirmation, Event};
+use crate::ops::metrics::Exposition;
+use crate::ops::report::{Health, Level, Report};
 use crate::store::{Store, StoreError};
 use crate::BoxFuture;
 use rand::Rng;
@@ -266,6 +268,91 @@ impl Outbox {
             tracing::info!(removed = total, "pruned delivered events");
         }
         Ok(total)
+    }
+}
+
+impl Report for Outbox {
+    fn key(&self) -> &'static str {
+        "sinks"
+    }
+
+    fn health(&self) -> BoxFuture<'_, Health> {
+        Box::pin(async move {
+            let reports = self.reports();
+            let level = if reports.iter().all(|r| r.ok) {
+                Level::Ok
+            } else {
+                Level::Degraded
+            };
+            let mut map = serde_json::Map::new();
+            for r in reports {
+                map.insert(r.name.clone(), serde_json::to_value(&r).unwrap_or_default());
+            }
+            Health::new(level, serde_json::Value::Object(map))
+        })
+    }
+
+    fn metrics(&self, e: &mut Exposition) {
+        e.counter(
+            "crucible_outbox_pruned_total",
+            "Delivered events pruned from the log.",
+            self.pruned.load(Ordering::Relaxed),
+        );
+        let reports = self.reports();
+        let rows = |f: &dyn Fn(&SinkReport) -> f64| -> Vec<(Vec<String>, f64)> {
+            reports
+                .iter()
+                .map(|r| (vec![r.name.clone()], f(r)))
+                .collect()
+        };
+        type Column<'a> = &'a dyn Fn(&SinkReport) -> f64;
+        let families: [(&str, &str, &str, Column); 7] = [
+            (
+                "crucible_outbox_cursor",
+                "gauge",
+                "Last seq delivered to the sink.",
+                &|r| r.cursor as f64,
+            ),
+            (
+                "crucible_outbox_backlog",
+                "gauge",
+                "Events not yet delivered to the sink.",
+                &|r| r.backlog as f64,
+            ),
+            (
+                "crucible_outbox_oldest_undelivered_age_seconds",
+                "gauge",
+                "Age of the oldest event not yet delivered (0 when none).",
+                &|r| r.oldest_undelivered_age_secs.unwrap_or(0.0),
+            ),
+            (
+                "crucible_outbox_delivered_total",
+                "counter",
+                "Events delivered to the sink.",
+                &|r| r.delivered as f64,
+            ),
+            (
+                "crucible_outbox_retries_total",
+                "counter",
+                "Failed delivery attempts.",
+                &|r| r.retries as f64,
+            ),
+            (
+                "crucible_outbox_dead_letters",
+                "gauge",
+                "Events parked as dead letters.",
+                &|r| r.dead_letters as f64,
+            ),
+            (
+                "crucible_outbox_sink_up",
+                "gauge",
+                "1 when the last delivery to the sink succeeded.",
+                &|r| if r.ok { 1.0 } else { 0.0 },
+            ),
+        ];
+        for (name, kind, help, f) in families {
+            e.family(name, kind, help, &["sink"], &rows(f));
+        }
     }
 }
 

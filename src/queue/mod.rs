@@ -16,8 +16,10 @@
 
 use crate::executor::{signal_name, Executor, Job, RunOutput, Termination};
 use crate::model::{FailureReason, Finish, Status};
-use crate::ops::metrics::{Histogram, LabeledCounter};
+use crate::ops::metrics::{Exposition, Histogram, LabeledCounter};
+use crate::ops::report::{Health, Level, Report};
 use crate::store::{Store, StoreError};
+use crate::BoxFuture;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -51,6 +53,7 @@ pub struct Queue {
     store: Arc<Store>,
     executor: Arc<dyn Executor>,
     workers: usize,
+    max_queued: usize,
     memory_mb: u64,
     paused: AtomicBool,
     wake: Notify,
@@ -69,6 +72,7 @@ impl Queue {
         store: Arc<Store>,
         executor: Arc<dyn Executor>,
         workers: usize,
+        max_queued: usize,
         memory_mb: u64,
         paused: bool,
     ) -> Arc<Queue> {
@@ -76,6 +80,7 @@ impl Queue {
             store,
             executor,
             workers,
+            max_queued,
             memory_mb,
             paused: AtomicBool::new(paused),
             wake: Notify::new(),
@@ -316,6 +321,62 @@ impl Queue {
             }
         }
         self.wake.notify_one();
+    }
+}
+
+impl Report for Queue {
+    fn key(&self) -> &'static str {
+        "queue"
+    }
+
+    fn health(&self) -> BoxFuture<'_, Health> {
+        Box::pin(async move {
+            Health::new(
+                Level::Ok,
+                serde_json::json!({
+                    "depth": self.store.queue_depth(),
+                    "max_queued": self.max_queued,
+                    "running": self.store.running_count(),
+                    "workers": self.workers,
+                    "paused": self.is_paused(),
+                }),
+            )
+        })
+    }
+
+    fn metrics(&self, e: &mut Exposition) {
+        e.labeled(
+            "crucible_evaluations_finished_total",
+            "Evaluations that reached a terminal state through a worker.",
+            &["status", "failure_reason"],
+            &self.stats.finished,
+        );
+        e.histogram(
+            "crucible_execution_seconds",
+            "Wall-clock time of executions.",
+            &self.stats.run_seconds,
+        );
+        e.gauge(
+            "crucible_queue_depth",
+            "Evaluations waiting to run.",
+            self.store.queue_depth() as f64,
+        );
+        e.gauge(
+            "crucible_queue_capacity",
+            "max_queued.",
+            self.max_queued as f64,
+        );
+        e.gauge(
+            "crucible_running",
+            "Evaluations running.",
+            self.store.running_count() as f64,
+        );
+        e.gauge("crucible_workers", "Concurrency cap.", self.workers as f64);
+        e.flag(
+            "crucible_queue_paused",
+            "1 when dispatching is paused.",
+            self.is_paused(),
+        );
     }
 }
 

@@ -22,6 +22,8 @@ use crate::config::PostgresConfig;
 use crate::events::Confirmation;
 use crate::events::{Event, EventType};
 use crate::model::Evaluation;
+use crate::ops::metrics::Exposition;
+use crate::ops::report::{Health, Level, Report};
 use crate::outbox::{Sink, SinkError};
 use crate::BoxFuture;
 use chrono::{DateTime, Utc};
@@ -143,14 +145,6 @@ impl Postgres {
         }))
     }
 
-    /// State for /health.
-    pub fn health(&self) -> Value {
-        json!({
-            "connected": self.connected.load(Ordering::SeqCst),
-            "schema_version": self.schema_version.load(Ordering::SeqCst),
-        })
-    }
-
     /// Whether the last connection attempt or delivery succeeded.
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::SeqCst)
@@ -176,6 +170,32 @@ impl Postgres {
             upsert,
             insert_events,
         })
+    }
+}
+
+impl Report for Postgres {
+    fn key(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn health(&self) -> BoxFuture<'_, Health> {
+        Box::pin(async move {
+            Health::new(
+                Level::Ok,
+                json!({
+                    "connected": self.connected.load(Ordering::SeqCst),
+                    "schema_version": self.schema_version.load(Ordering::SeqCst),
+                }),
+            )
+        })
+    }
+
+    fn metrics(&self, e: &mut Exposition) {
+        e.flag(
+            "crucible_postgres_connected",
+            "1 while the PostgreSQL sync is connected and its last write succeeded.",
+            self.is_connected(),
+        );
     }
 }
 

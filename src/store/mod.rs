@@ -21,6 +21,9 @@ use crate::error::{ApiError, Code};
 use crate::events::Confirmation;
 use crate::events::Event;
 use crate::model::{Evaluation, Finish, NewEvaluation, Status};
+use crate::ops::metrics::Exposition;
+use crate::ops::report::{Health, Level, Report};
+use crate::BoxFuture;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -780,3 +783,73 @@ fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError>
 
 #[cfg(test)]
 mod tests;
+
+impl Report for Store {
+    fn key(&self) -> &'static str {
+        "store"
+    }
+
+    fn health(&self) -> BoxFuture<'_, Health> {
+        Box::pin(async move {
+            let ok = self.shared.healthy.load(Ordering::SeqCst);
+            let detail = serde_json::json!({
+                "ok": ok,
+                "head_seq": self.head(),
+                "oldest_seq": self.oldest_seq().ok(),
+                "size_on_disk_bytes": self.size_on_disk(),
+                "last_error": self.shared.last_error.lock().ok().and_then(|e| e.clone()),
+            });
+            let level = if ok { Level::Ok } else { Level::Unhealthy };
+            Health::new(level, detail)
+        })
+    }
+
+    fn metrics(&self, e: &mut Exposition) {
+        let s = &self.shared;
+        e.flag(
+            "crucible_store_healthy",
+            "1 when the last store write succeeded.",
+            s.healthy.load(Ordering::SeqCst),
+        );
+        e.gauge(
+            "crucible_outbox_head_seq",
+            "Last durable event seq.",
+            self.head() as f64,
+        );
+        e.gauge(
+            "crucible_store_size_bytes",
+            "Bytes the sled store occupies on disk.",
+            self.size_on_disk() as f64,
+        );
+        e.counter(
+            "crucible_store_batches_total",
+            "Group-commit batches applied and flushed.",
+            s.stats.batches.load(Ordering::Relaxed),
+        );
+        e.counter(
+            "crucible_store_ops_total",
+            "Store operations applied.",
+            s.stats.ops.load(Ordering::Relaxed),
+        );
+        e.counter(
+            "crucible_store_events_total",
+            "Events appended to the log.",
+            s.stats.events.load(Ordering::Relaxed),
+        );
+        e.counter(
+            "crucible_store_errors_total",
+            "Failed store batches.",
+            s.stats.errors.load(Ordering::Relaxed),
+        );
+        e.histogram(
+            "crucible_store_flush_seconds",
+            "Time of each group-commit flush.",
+            &s.stats.flush_seconds,
+        );
+        e.histogram(
+            "crucible_store_batch_ops",
+            "Operations per group-commit batch.",
+            &s.stats.batch_size,
+        );
+    }
+}
