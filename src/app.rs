@@ -8,22 +8,23 @@ use crate::executor::sandbox::{default_work_dir, SandboxExecutor};
 use crate::executor::{Executor, ExecutorReport};
 use crate::gateway::{self, HttpStats, State};
 use crate::ops::report::{NotConfigured, Report, Reporters};
+use crate::ops::worker::{self, Backoff, Runner, Worker, WorkersReport};
 use crate::outbox::{Outbox, Sink};
 use crate::queue::Queue;
 use crate::redis::Redis;
-use crate::redis_rr::serve_requests;
+use crate::redis_rr::Responder;
 use crate::service::Service;
 use crate::sinks::file::FileSink;
 use crate::sinks::postgres::{Postgres, PostgresSink};
 use crate::sinks::redis::RedisSink;
 use crate::store::{Store, StoreOptions};
+use crate::BoxFuture;
 use anyhow::{anyhow, Context};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// File in the data dir holding the bound address while the server runs.
 pub const ADDR_FILE: &str = "listen.addr";
@@ -55,29 +56,9 @@ pub async fn run(
         node_id: cfg.node_id.clone(),
     })
     .map_err(|e| anyhow!("{e}"))?;
-
-    let executor: Arc<dyn Executor> = match cfg.executor {
-        ExecutorKind::Sandbox => {
-            let work_dir = default_work_dir(&cfg, store.node_id());
-            let sandbox = SandboxExecutor::new(&cfg, work_dir).map_err(|e| anyhow!(e))?;
-            for (lang, why) in sandbox.unavailable() {
-                tracing::warn!(language = %lang, "{why}");
-            }
-            sandbox
-                .self_test()
-                .await
-                .map_err(|e| anyhow!("the sandbox executor cannot run on this host: {e}"))?;
-            Arc::new(sandbox)
-        }
-        ExecutorKind::Docker => {
-            let docker = DockerExecutor::new(&cfg, store.node_id()).map_err(|e| anyhow!(e))?;
-            // Removes this node's containers left by a crash; their evaluations are
-            // resolved just below (interrupted). An engine that is down now is fine: work
-            // waits in the queue until it answers.
-            docker.start(shutdown.clone()).await;
-            docker
-        }
-    };
+    let mut runners = Vec::new();
+    let (executor, executor_runner) = build_executor(&cfg, &store, &shutdown).await?;
+    runners.extend(executor_runner);
 
     let interrupted = store
         .interrupt_running()
@@ -90,30 +71,8 @@ pub async fn run(
         );
     }
 
-    let mut sinks: Vec<Arc<dyn Sink>> = Vec::new();
-    // Registered in the order of their /health entries.
-    let mut reporters = Reporters::default();
-    reporters.add(store.clone());
-    if let Some(f) = &cfg.sinks.file {
-        sinks.push(Arc::new(FileSink::open(&f.path).map_err(|e| anyhow!(e))?));
-    }
-    let postgres: Arc<dyn Report> = match &cfg.postgres.url {
-        Some(_) => {
-            let pg = Postgres::new(&cfg.postgres).map_err(|e| anyhow!(e))?;
-            sinks.push(Arc::new(PostgresSink::new(pg.clone())));
-            pg
-        }
-        None => Arc::new(NotConfigured("postgres")),
-    };
-    let redis = match &cfg.redis.url {
-        Some(_) => {
-            let r = Redis::start(&cfg.redis).map_err(|e| anyhow!(e))?;
-            sinks.push(Arc::new(RedisSink::new(r.clone())));
-            Some(r)
-        }
-        None => None,
-    };
-    let outbox = Outbox::new(store.clone(), cfg.outbox.clone(), sinks);
+    let sinks = build_sinks(&cfg)?;
+    let outbox = Outbox::new(store.clone(), cfg.outbox.clone(), sinks.sinks);
     let queue = Queue::new(
         store.clone(),
         executor.clone(),
@@ -122,18 +81,12 @@ pub async fn run(
         cfg.limits.memory_mb,
         cfg.start_paused,
     );
-    reporters.add(queue.clone());
-    reporters.add(Arc::new(ExecutorReport(executor.clone())));
-    reporters.add(outbox.clone());
-    match &redis {
-        Some(r) => reporters.add(r.clone()),
-        None => reporters.add(Arc::new(NotConfigured("redis"))),
-    }
-    reporters.add(postgres);
-    let tracker = TaskTracker::new();
-    let relay_stop = CancellationToken::new();
-    outbox.start(&tracker, relay_stop.clone());
+    // Relays outlive the queue at shutdown: the last results must still be delivered.
+    let relays = Runner::new(CancellationToken::new());
+    outbox.start(&relays);
     queue.start();
+    let background = Runner::new(shutdown.clone());
+    runners.extend([queue.runner(), relays.clone(), background.clone()]);
 
     let addr = listener.local_addr()?;
     let addr_file = cfg.data_dir.join(ADDR_FILE);
@@ -159,12 +112,24 @@ pub async fn run(
         shutdown: shutdown.clone(),
         accepted: std::sync::atomic::AtomicU64::new(0),
     });
-    let transports = TaskTracker::new();
-    if let Some(r) = &redis {
+    if let Some(r) = &sinks.redis {
         if !cfg.redis.request_channel.is_empty() {
-            transports.spawn(serve_requests(r.clone(), service.clone(), shutdown.clone()));
+            match Responder::new(r.clone(), service.clone()) {
+                Ok(responder) => background.spawn(responder),
+                Err(e) => tracing::error!(error = %e, "redis request/reply is off"),
+            }
         }
     }
+    // Registered in the order of their /health entries.
+    let mut reporters = Reporters::default();
+    reporters.add(store.clone());
+    reporters.add(queue.clone());
+    reporters.add(Arc::new(ExecutorReport(executor.clone())));
+    reporters.add(outbox.clone());
+    for r in sinks.reporters {
+        reporters.add(r);
+    }
+    reporters.add(Arc::new(WorkersReport(runners)));
     let state = Arc::new(State {
         service: service.clone(),
         reporters,
@@ -178,53 +143,141 @@ pub async fn run(
     });
     crate::ops::systemd::notify(&format!("READY=1\nSTATUS=serving on {addr}"));
     if let Some(every) = crate::ops::systemd::watchdog_interval() {
-        // WATCHDOG=1 only while the store writer answers: a writer stuck on a dead disk
-        // gets the service restarted instead of hanging forever.
-        let store = store.clone();
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            let tick = every / 3;
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(tick) => {}
-                    _ = stop.cancelled() => return,
-                }
-                match tokio::time::timeout(tick, store.ping()).await {
-                    Ok(Ok(())) => {
-                        crate::ops::systemd::notify("WATCHDOG=1");
-                    }
-                    _ => tracing::error!(
-                        "store writer did not answer; withholding the watchdog ping"
-                    ),
-                }
-            }
+        background.spawn(Watchdog {
+            store: store.clone(),
+            tick: every / 3,
         });
     }
     gateway::serve(state, listener, Duration::from_secs(5)).await;
     crate::ops::systemd::notify("STOPPING=1\nSTATUS=stopping");
 
-    transports.close();
-    transports.wait().await;
+    background.stop(Duration::from_secs(5)).await;
     tracing::info!("HTTP stopped; finishing running evaluations");
     queue
         .shutdown(Duration::from_secs(cfg.shutdown_grace_secs))
         .await;
     executor.shutdown().await;
-    relay_stop.cancel();
-    tracker.close();
-    if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
-        .await
-        .is_err()
-    {
+    if !relays.stop(Duration::from_secs(5)).await {
         tracing::warn!("relays did not stop in time");
     }
-    if let Some(r) = &redis {
+    if let Some(r) = &sinks.redis {
         r.quit().await;
     }
     store.close().await;
     let _ = std::fs::remove_file(&addr_file);
     tracing::info!("crucible stopped cleanly");
     Ok(())
+}
+
+/// The configured executor, checked on this host (and the Docker warm pool's runner).
+async fn build_executor(
+    cfg: &Config,
+    store: &Store,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(Arc<dyn Executor>, Option<Arc<Runner>>)> {
+    match cfg.executor {
+        ExecutorKind::Sandbox => {
+            let work_dir = default_work_dir(cfg, store.node_id());
+            let sandbox = SandboxExecutor::new(cfg, work_dir).map_err(|e| anyhow!(e))?;
+            for (lang, why) in sandbox.unavailable() {
+                tracing::warn!(language = %lang, "{why}");
+            }
+            sandbox
+                .self_test()
+                .await
+                .map_err(|e| anyhow!("the sandbox executor cannot run on this host: {e}"))?;
+            Ok((Arc::new(sandbox), None))
+        }
+        ExecutorKind::Docker => {
+            let docker = DockerExecutor::new(cfg, store.node_id(), shutdown.clone())
+                .map_err(|e| anyhow!(e))?;
+            // Removes this node's containers left by a crash; their evaluations are
+            // resolved next (interrupted). An engine that is down now is fine: work
+            // waits in the queue until it answers.
+            docker.start().await;
+            let runner = docker.runner();
+            Ok((docker, Some(runner)))
+        }
+    }
+}
+
+/// The configured sinks, the reporters of their connections, and the Redis connection
+/// (shared with the request/reply transport).
+struct Sinks {
+    sinks: Vec<Arc<dyn Sink>>,
+    reporters: Vec<Arc<dyn Report>>,
+    redis: Option<Arc<Redis>>,
+}
+
+fn build_sinks(cfg: &Config) -> anyhow::Result<Sinks> {
+    let mut sinks: Vec<Arc<dyn Sink>> = Vec::new();
+    if let Some(f) = &cfg.sinks.file {
+        sinks.push(Arc::new(FileSink::open(&f.path).map_err(|e| anyhow!(e))?));
+    }
+    let postgres: Arc<dyn Report> = match &cfg.postgres.url {
+        Some(_) => {
+            let pg = Postgres::new(&cfg.postgres).map_err(|e| anyhow!(e))?;
+            sinks.push(Arc::new(PostgresSink::new(pg.clone())));
+            pg
+        }
+        None => Arc::new(NotConfigured("postgres")),
+    };
+    let redis = match &cfg.redis.url {
+        Some(_) => {
+            let r = Redis::start(&cfg.redis).map_err(|e| anyhow!(e))?;
+            sinks.push(Arc::new(RedisSink::new(r.clone())));
+            Some(r)
+        }
+        None => None,
+    };
+    let redis_report: Arc<dyn Report> = match &redis {
+        Some(r) => r.clone(),
+        None => Arc::new(NotConfigured("redis")),
+    };
+    Ok(Sinks {
+        sinks,
+        reporters: vec![redis_report, postgres],
+        redis,
+    })
+}
+
+/// WATCHDOG=1 only while the store writer answers: a writer stuck on a dead disk gets
+/// the service restarted instead of hanging forever.
+struct Watchdog {
+    store: Arc<Store>,
+    tick: Duration,
+}
+
+impl Worker for Watchdog {
+    fn name(&self) -> String {
+        "watchdog".into()
+    }
+
+    fn work<'a>(
+        &'a mut self,
+        _stop: &'a CancellationToken,
+    ) -> BoxFuture<'a, Result<worker::State, String>> {
+        Box::pin(async move {
+            match tokio::time::timeout(self.tick, self.store.ping()).await {
+                Ok(Ok(())) => {
+                    crate::ops::systemd::notify("WATCHDOG=1");
+                    Ok(worker::State::Idle)
+                }
+                _ => Err("store writer did not answer; withholding the watchdog ping".into()),
+            }
+        })
+    }
+
+    fn wait_for_work(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(tokio::time::sleep(self.tick))
+    }
+
+    fn backoff(&self) -> Backoff {
+        Backoff {
+            initial: self.tick,
+            max: self.tick,
+        }
+    }
 }
 
 fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {

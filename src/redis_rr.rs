@@ -5,84 +5,128 @@
 //! the service beside the HTTP gateway; it owns no state.
 
 use crate::error::ApiError;
+use crate::ops::worker::{Backoff, State, Worker};
 use crate::redis::Redis;
 use crate::service::{check_idempotency_key, ListQuery, Service};
+use crate::BoxFuture;
+use fred::clients::SubscriberClient;
 use fred::prelude::{ClientLike, Error as FredError, EventInterface, PubsubInterface};
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-/// Serve requests on `cfg.request_channel` until `shutdown`: each request is handled by
-/// the same [`Service`] as HTTP, and the reply is published on its `reply_to`.
-pub async fn serve_requests(redis: Arc<Redis>, service: Arc<Service>, shutdown: CancellationToken) {
-    let channel = redis.cfg.request_channel.clone();
-    let sub = match redis.subscriber() {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "redis subscriber cannot be built; request/reply is off");
-            return;
-        }
-    };
-    let _conn = sub.connect();
-    // Re-subscribe after every reconnect.
-    let _resub = sub.manage_subscriptions();
-    let mut rx = sub.message_rx();
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match sub.subscribe(channel.as_str()).await {
-            Ok(()) => break,
-            Err(e) => {
-                tracing::warn!(error = %e, channel = %channel, "cannot subscribe yet; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.cancelled() => return,
-                }
-                delay = (delay * 2).min(Duration::from_secs(10));
-            }
-        }
+type Message = Result<fred::types::Message, tokio::sync::broadcast::error::RecvError>;
+
+/// The responder: a [`Worker`] that subscribes to `cfg.request_channel` (retrying with
+/// the runner's back-off while Redis is down) and hands each request to a task of its
+/// own, at most `max_inflight_requests` at once.
+pub struct Responder {
+    redis: Arc<Redis>,
+    service: Arc<Service>,
+    channel: String,
+    sub: SubscriberClient,
+    rx: tokio::sync::broadcast::Receiver<fred::types::Message>,
+    subscribed: bool,
+    slots: Arc<Semaphore>,
+    /// A message received while waiting, handled at the next step.
+    pending: Option<Message>,
+}
+
+impl Responder {
+    /// A responder for `redis`'s request channel (connecting in the background).
+    pub fn new(redis: Arc<Redis>, service: Arc<Service>) -> Result<Responder, String> {
+        let sub = redis
+            .subscriber()
+            .map_err(|e| format!("redis subscriber cannot be built: {e}"))?;
+        let _conn = sub.connect();
+        // Re-subscribe after every reconnect.
+        let _resub = sub.manage_subscriptions();
+        let rx = sub.message_rx();
+        Ok(Responder {
+            channel: redis.cfg.request_channel.clone(),
+            slots: Arc::new(Semaphore::new(redis.cfg.max_inflight_requests)),
+            redis,
+            service,
+            sub,
+            rx,
+            subscribed: false,
+            pending: None,
+        })
     }
-    tracing::info!(channel = %channel, "redis request/reply responder listening");
-    let slots = Arc::new(Semaphore::new(redis.cfg.max_inflight_requests));
-    loop {
-        let msg = tokio::select! {
-            m = rx.recv() => m,
-            _ = shutdown.cancelled() => break,
+
+    async fn step(&mut self, stop: &CancellationToken) -> Result<State, String> {
+        if !self.subscribed {
+            let r: Result<(), FredError> = self.sub.subscribe(self.channel.as_str()).await;
+            r.map_err(|e| format!("cannot subscribe to {} yet: {e}", self.channel))?;
+            self.subscribed = true;
+            tracing::info!(channel = %self.channel, "redis request/reply responder listening");
+        }
+        let Some(msg) = self.pending.take() else {
+            return Ok(State::Idle);
         };
-        match msg {
-            Ok(m) => {
-                let Some(text) = m.value.as_string() else {
-                    redis.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                };
-                let permit = tokio::select! {
-                    p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                    _ = shutdown.cancelled() => break,
-                };
-                let (r, s) = (redis.clone(), service.clone());
-                tokio::spawn(async move {
-                    handle_request(&r, &s, &text).await;
-                    drop(permit);
-                });
-            }
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                redis.stats.dropped.fetch_add(n, Ordering::Relaxed);
+        let m = match msg {
+            Ok(m) => m,
+            Err(RecvError::Lagged(n)) => {
+                self.redis.stats.dropped.fetch_add(n, Ordering::Relaxed);
                 tracing::warn!(
                     dropped = n,
                     "request/reply responder fell behind; requests dropped"
                 );
+                return Ok(State::Idle);
             }
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-        }
+            Err(RecvError::Closed) => return Ok(State::Done),
+        };
+        let Some(text) = m.value.as_string() else {
+            self.redis.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            return Ok(State::Idle);
+        };
+        let permit = tokio::select! {
+            p = self.slots.clone().acquire_owned() => p.map_err(|e| e.to_string())?,
+            _ = stop.cancelled() => return Ok(State::Done),
+        };
+        let (r, s) = (self.redis.clone(), self.service.clone());
+        tokio::spawn(async move {
+            handle_request(&r, &s, &text).await;
+            drop(permit);
+        });
+        Ok(State::Idle)
     }
-    // Redis may be down at shutdown: never wait for it long.
-    let bye = async {
-        let _ = sub.unsubscribe(channel.as_str()).await;
-        let _ = sub.quit().await;
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(1), bye).await;
+}
+
+impl Worker for Responder {
+    fn name(&self) -> String {
+        "redis-requests".into()
+    }
+
+    fn work<'a>(&'a mut self, stop: &'a CancellationToken) -> BoxFuture<'a, Result<State, String>> {
+        Box::pin(self.step(stop))
+    }
+
+    fn wait_for_work(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let m = self.rx.recv().await;
+            self.pending = Some(m);
+        })
+    }
+
+    fn backoff(&self) -> Backoff {
+        Backoff::millis(100, 10_000)
+    }
+
+    fn stopped(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            // Redis may be down at shutdown: never wait for it long.
+            let bye = async {
+                let _ = self.sub.unsubscribe(self.channel.as_str()).await;
+                let _ = self.sub.quit().await;
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), bye).await;
+        })
+    }
 }
 
 fn field_err(field: &str, message: &str) -> ApiError {

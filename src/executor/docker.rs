@@ -20,6 +20,7 @@ use super::{
     Termination,
 };
 use crate::config::Config;
+use crate::ops::worker::{Runner, State, Worker};
 use bollard::models::{ContainerCreateBody, HostConfig, ResourcesUlimits};
 use bollard::query_parameters::{
     AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
@@ -85,8 +86,8 @@ pub struct DockerExecutor {
     memory_budget_bytes: u64,
     warm: Mutex<HashMap<String, VecDeque<String>>>,
     refill: Notify,
-    /// The warm-pool task, awaited at shutdown so nothing it creates outlives the process.
-    pool_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The warm-pool worker, stopped at shutdown so nothing it creates outlives the process.
+    pool: Arc<Runner>,
     /// Background removals of finished containers.
     removals: tokio_util::task::TaskTracker,
     /// Set once this node's leftover containers were removed, at the first contact with
@@ -130,7 +131,11 @@ async fn remove_container(docker: &Docker, id: &str) {
 impl DockerExecutor {
     /// Connect (lazily: the engine may be down now and come up later) and prepare the
     /// language table from the allow-list.
-    pub fn new(cfg: &Config, node: &str) -> Result<Arc<DockerExecutor>, String> {
+    pub fn new(
+        cfg: &Config,
+        node: &str,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<DockerExecutor>, String> {
         let docker = if cfg.docker.host.is_empty() {
             Docker::connect_with_local_defaults()
         } else {
@@ -182,7 +187,7 @@ impl DockerExecutor {
                 * 1024,
             warm: Mutex::new(HashMap::new()),
             refill: Notify::new(),
-            pool_task: Mutex::new(None),
+            pool: Runner::new(shutdown),
             removals: tokio_util::task::TaskTracker::new(),
             reaped: tokio::sync::Mutex::new(false),
             image_problems: Mutex::new(HashMap::new()),
@@ -248,7 +253,7 @@ impl DockerExecutor {
     /// Start-up: reach the engine (which removes this node's containers left by a crash),
     /// check the images, and start the warm pool. An engine that is down now is fine: the
     /// same happens when it first answers.
-    pub async fn start(self: &Arc<Self>, shutdown: CancellationToken) {
+    pub async fn start(self: &Arc<Self>) {
         // Warm containers carry the full memory limit: they count against the budget.
         let budget_mb = self.memory_budget_bytes / (1024 * 1024);
         tracing::info!(
@@ -273,22 +278,19 @@ impl DockerExecutor {
             }
         }
         if self.warm_target > 0 {
-            let me = self.clone();
-            let task = tokio::spawn(async move { me.keep_warm(shutdown).await });
-            if let Ok(mut t) = self.pool_task.lock() {
-                *t = Some(task);
-            }
+            self.pool.spawn(WarmPool {
+                docker: self.clone(),
+                last_probe: Instant::now(),
+            });
         }
     }
 
     /// Shutdown, after the last evaluation ended: stop the warm pool and remove every
     /// container of this node, so a stopped appliance leaves nothing behind.
     pub async fn stop(&self) {
-        let task = self.pool_task.lock().ok().and_then(|mut t| t.take());
-        if let Some(task) = task {
-            // The pool task ends on the shutdown token; a create in flight finishes first.
-            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
-        }
+        // The pool ends on the shutdown token; a create in flight finishes first. Its
+        // containers are removed below, with every other one of this node.
+        self.pool.stop(Duration::from_secs(10)).await;
         self.removals.close();
         let _ = tokio::time::timeout(Duration::from_secs(10), self.removals.wait()).await;
         if self.reachable() {
@@ -519,52 +521,43 @@ impl DockerExecutor {
         got
     }
 
-    async fn keep_warm(self: Arc<Self>, shutdown: CancellationToken) {
-        loop {
-            for (name, lang) in &self.languages {
-                loop {
-                    let have = self
-                        .warm
-                        .lock()
-                        .map(|w| w.get(name).map(|q| q.len()).unwrap_or(0))
-                        .unwrap_or(self.warm_target);
-                    if have >= self.warm_target || shutdown.is_cancelled() || !self.reachable() {
+    /// Create (and start) warm containers until every language has `warm_pool` of them.
+    async fn fill_pool(&self, stop: &CancellationToken) {
+        for (name, lang) in &self.languages {
+            loop {
+                let have = self
+                    .warm
+                    .lock()
+                    .map(|w| w.get(name).map(|q| q.len()).unwrap_or(0))
+                    .unwrap_or(self.warm_target);
+                if have >= self.warm_target || stop.is_cancelled() || !self.reachable() {
+                    break;
+                }
+                // Created AND started: the bootstrap waits for its code on stdin, so an
+                // evaluation skips both steps.
+                let ready = match self.create(lang, "warm").await {
+                    Ok(id) => match self.docker.start_container(&id, None).await {
+                        Ok(()) => Ok(id),
+                        Err(e) => {
+                            self.remove(&id).await;
+                            Err(format!("start: {e}"))
+                        }
+                    },
+                    Err(e) => Err(e),
+                };
+                match ready {
+                    Ok(id) => {
+                        if let Ok(mut w) = self.warm.lock() {
+                            w.entry(name.clone()).or_default().push_back(id);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(language = %name, error = %e, "warm pool: cannot create");
                         break;
                     }
-                    // Created AND started: the bootstrap waits for its code on stdin, so an
-                    // evaluation skips both steps.
-                    let ready = match self.create(lang, "warm").await {
-                        Ok(id) => match self.docker.start_container(&id, None).await {
-                            Ok(()) => Ok(id),
-                            Err(e) => {
-                                self.remove(&id).await;
-                                Err(format!("start: {e}"))
-                            }
-                        },
-                        Err(e) => Err(e),
-                    };
-                    match ready {
-                        Ok(id) => {
-                            if let Ok(mut w) = self.warm.lock() {
-                                w.entry(name.clone()).or_default().push_back(id);
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(language = %name, error = %e, "warm pool: cannot create");
-                            break;
-                        }
-                    }
                 }
-            }
-            tokio::select! {
-                _ = self.refill.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(5)) => {
-                    let _ = self.probe().await;
-                }
-                _ = shutdown.cancelled() => break,
             }
         }
-        // The pool's containers are removed by `stop`, with every other one of this node.
     }
 
     fn reachable(&self) -> bool {
@@ -716,6 +709,46 @@ impl DockerExecutor {
             duration,
             memory_exceeded: oom,
         }
+    }
+}
+
+/// Keeps `warm_pool` started containers per language, and checks the engine every 5 s.
+struct WarmPool {
+    docker: Arc<DockerExecutor>,
+    last_probe: Instant,
+}
+
+impl Worker for WarmPool {
+    fn name(&self) -> String {
+        "docker-warm-pool".into()
+    }
+
+    fn work<'a>(&'a mut self, stop: &'a CancellationToken) -> BoxFuture<'a, Result<State, String>> {
+        Box::pin(async move {
+            if self.last_probe.elapsed() >= Duration::from_secs(5) {
+                self.last_probe = Instant::now();
+                let _ = self.docker.probe().await;
+            }
+            self.docker.fill_pool(stop).await;
+            Ok(State::Idle)
+        })
+    }
+
+    fn wait_for_work(&mut self) -> BoxFuture<'_, ()> {
+        let wait = Duration::from_secs(5).saturating_sub(self.last_probe.elapsed());
+        Box::pin(async move {
+            tokio::select! {
+                _ = self.docker.refill.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        })
+    }
+}
+
+impl DockerExecutor {
+    /// The warm pool's runner (for /health).
+    pub fn runner(&self) -> Arc<Runner> {
+        self.pool.clone()
     }
 }
 

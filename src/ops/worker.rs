@@ -48,6 +48,10 @@ pub trait Worker: Send + 'static {
     fn backoff(&self) -> Backoff {
         Backoff::default()
     }
+    /// Called once after the last step (the stop signal fired or the work is done).
+    fn stopped(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// Exponential back-off with jitter: the n-th consecutive failure waits a random time in
@@ -217,6 +221,7 @@ async fn run(mut w: impl Worker, status: Shared, stop: CancellationToken) {
             }
         };
     }
+    w.stopped().await;
     set(&status, |s| s.state = "stopped");
 }
 

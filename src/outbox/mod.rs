@@ -15,16 +15,16 @@ use crate::config::OutboxConfig;
 use crate::events::{Confirmation, Event};
 use crate::ops::metrics::Exposition;
 use crate::ops::report::{Health, Level, Report};
+use crate::ops::worker::{Runner, State, Worker};
 use crate::store::{Store, StoreError};
 use crate::BoxFuture;
-use rand::Rng;
+use relay::Relay;
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// Why a delivery failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,23 +152,29 @@ impl Outbox {
         self.relays.iter().map(|r| r.status.name.clone()).collect()
     }
 
-    /// Start every relay and the pruner on `tracker`; they stop when `shutdown` fires.
-    pub fn start(self: &Arc<Self>, tracker: &TaskTracker, shutdown: CancellationToken) {
+    /// Start every relay and the pruner on `runner`; they stop with it.
+    pub fn start(self: &Arc<Self>, runner: &Runner) {
         for r in &self.relays {
             let rx = r.control_rx.lock().ok().and_then(|mut g| g.take());
             let Some(rx) = rx else { continue };
-            let relay = Relay {
+            runner.spawn(Relay {
                 store: self.store.clone(),
                 sink: r.sink.clone(),
                 status: r.status.clone(),
                 cfg: self.cfg.clone(),
                 control: rx,
-                shutdown: shutdown.clone(),
-            };
-            tracker.spawn(relay.run());
+                head: self.store.subscribe_head(),
+                cursor: None,
+                replays: Vec::new(),
+                single: false,
+                poison: None,
+            });
         }
-        let me = self.clone();
-        tracker.spawn(async move { me.prune_loop(shutdown).await });
+        runner.spawn(Pruner {
+            outbox: self.clone(),
+            every: Duration::from_secs(self.cfg.prune_interval_secs),
+            next: tokio::time::Instant::now() + Duration::from_secs(self.cfg.prune_interval_secs),
+        });
     }
 
     /// Move `sink`'s cursor back so delivery restarts at `from_seq`. The relay applies it
@@ -230,19 +236,6 @@ impl Outbox {
             .collect()
     }
 
-    async fn prune_loop(self: Arc<Self>, shutdown: CancellationToken) {
-        let every = Duration::from_secs(self.cfg.prune_interval_secs);
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = shutdown.cancelled() => return,
-            }
-            if let Err(e) = self.prune_once().await {
-                tracing::warn!(error = %e, "pruning failed");
-            }
-        }
-    }
-
     /// One pruning pass: remove, in batches, events every sink has delivered that are
     /// older than the retention window. Returns how many were removed.
     pub async fn prune_once(&self) -> Result<u64, StoreError> {
@@ -268,6 +261,40 @@ impl Outbox {
             tracing::info!(removed = total, "pruned delivered events");
         }
         Ok(total)
+    }
+}
+
+/// Prunes delivered events every `prune_interval_secs`.
+struct Pruner {
+    outbox: Arc<Outbox>,
+    every: Duration,
+    next: tokio::time::Instant,
+}
+
+impl Worker for Pruner {
+    fn name(&self) -> String {
+        "pruner".into()
+    }
+
+    fn work<'a>(
+        &'a mut self,
+        _stop: &'a CancellationToken,
+    ) -> BoxFuture<'a, Result<State, String>> {
+        Box::pin(async move {
+            if tokio::time::Instant::now() < self.next {
+                return Ok(State::Idle);
+            }
+            self.next = tokio::time::Instant::now() + self.every;
+            self.outbox
+                .prune_once()
+                .await
+                .map_err(|e| format!("pruning failed: {e}"))?;
+            Ok(State::Idle)
+        })
+    }
+
+    fn wait_for_work(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(tokio::time::sleep_until(self.next))
     }
 }
 
@@ -356,288 +383,7 @@ impl Report for Outbox {
     }
 }
 
-struct Relay {
-    store: Arc<Store>,
-    sink: Arc<dyn Sink>,
-    status: Arc<SinkStatus>,
-    cfg: OutboxConfig,
-    control: mpsc::Receiver<ReplayRequest>,
-    shutdown: CancellationToken,
-}
-
-enum Wake {
-    Go,
-    Replay(ReplayRequest),
-    Stop,
-}
-
-impl Relay {
-    fn name(&self) -> &str {
-        &self.status.name
-    }
-
-    async fn initial_cursor(&self) -> u64 {
-        loop {
-            let c = match self.store.cursor(self.name()) {
-                Ok(Some(c)) => Ok(c),
-                // A new sink starts at the oldest retained event.
-                Ok(None) => self.store.oldest_seq().map(|o| o.saturating_sub(1)),
-                Err(e) => Err(e),
-            };
-            match c {
-                Ok(c) => return c,
-                Err(e) => {
-                    tracing::error!(sink = self.name(), error = %e, "cannot read cursor");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        }
-    }
-
-    /// Sleep for `d`, but wake for a replay request or shutdown.
-    async fn pause(
-        &mut self,
-        d: Duration,
-        head: Option<&mut tokio::sync::watch::Receiver<u64>>,
-    ) -> Wake {
-        let head_changed = async {
-            match head {
-                Some(h) => {
-                    let _ = h.changed().await;
-                }
-                None => std::future::pending::<()>().await,
-            }
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(d) => Wake::Go,
-            _ = head_changed => Wake::Go,
-            r = self.control.recv() => match r {
-                Some(r) => Wake::Replay(r),
-                None => Wake::Go,
-            },
-            _ = self.shutdown.cancelled() => Wake::Stop,
-        }
-    }
-
-    fn backoff(&self, failures: u64) -> Duration {
-        let base = self.cfg.backoff_initial_ms as f64 * 2f64.powi(failures.min(30) as i32 - 1);
-        let capped = base.min(self.cfg.backoff_max_ms as f64);
-        // Full jitter in [capped/2, capped].
-        let jittered = capped / 2.0 + rand::rng().random_range(0.0..=capped / 2.0);
-        Duration::from_millis(jittered.max(1.0) as u64)
-    }
-
-    fn note_failure(&self, err: &SinkError) -> u64 {
-        self.status.retries.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut l) = self.status.last_error.lock() {
-            *l = Some(err.to_string());
-        }
-        self.status
-            .consecutive_failures
-            .fetch_add(1, Ordering::SeqCst)
-            + 1
-    }
-
-    async fn handle_replay(&mut self, cursor: &mut u64, req: ReplayRequest) {
-        let res = self.store.replay(self.name(), req.from_seq).await;
-        crate::ops::failpoint::hit("outbox.replay");
-        if let Ok(c) = res {
-            *cursor = c;
-            self.status.cursor.store(c, Ordering::SeqCst);
-            tracing::info!(
-                sink = self.name(),
-                from_seq = req.from_seq,
-                "replay: cursor moved back"
-            );
-        }
-        let _ = req.reply.send(res);
-    }
-
-    async fn save_cursor_with(&self, seq: u64, confirmations: Vec<Confirmation>) {
-        if confirmations.is_empty() {
-            return self.save_cursor(seq).await;
-        }
-        // The confirmations must not be lost: retry until they are on disk (the store
-        // only fails when the disk does; the relay cannot go on without them).
-        let mut delay = Duration::from_millis(50);
-        while let Err(e) = self
-            .store
-            .confirm(self.name(), seq, confirmations.clone())
-            .await
-        {
-            if matches!(e, StoreError::Closed) || self.shutdown.is_cancelled() {
-                // Not saved: the batch is redelivered and confirmed after the restart.
-                return;
-            }
-            tracing::warn!(sink = self.name(), error = %e, "cannot record confirmations; retrying");
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(5));
-        }
-        self.status.cursor.store(seq, Ordering::SeqCst);
-    }
-
-    async fn save_cursor(&self, seq: u64) {
-        if let Err(e) = self.store.set_cursor(self.name(), seq).await {
-            // Not fatal: the cursor is saved with the next batch; at worst a restart
-            // redelivers (at-least-once).
-            tracing::warn!(sink = self.name(), error = %e, "cannot save cursor");
-        }
-        self.status.cursor.store(seq, Ordering::SeqCst);
-    }
-
-    async fn run(mut self) {
-        let mut cursor = self.initial_cursor().await;
-        self.status.cursor.store(cursor, Ordering::SeqCst);
-        let mut head_rx = self.store.subscribe_head();
-        let poll = Duration::from_millis(self.cfg.poll_interval_ms);
-        let mut single = false;
-        let mut poison: Option<(u64, u32)> = None;
-        tracing::info!(sink = self.name(), cursor, "relay started");
-        loop {
-            while let Ok(req) = self.control.try_recv() {
-                self.handle_replay(&mut cursor, req).await;
-            }
-            if self.shutdown.is_cancelled() {
-                break;
-            }
-            let head = self.store.head();
-            if cursor >= head {
-                match self.pause(poll, Some(&mut head_rx)).await {
-                    Wake::Go => {}
-                    Wake::Replay(r) => self.handle_replay(&mut cursor, r).await,
-                    Wake::Stop => break,
-                }
-                continue;
-            }
-            let max = if single { 1 } else { self.cfg.batch_size };
-            let events = match self.store.events(cursor, head, max) {
-                Ok(e) => e,
-                Err(e) => {
-                    tracing::error!(sink = self.name(), error = %e, "cannot read the event log");
-                    if let Wake::Stop = self.pause(Duration::from_secs(1), None).await {
-                        break;
-                    }
-                    continue;
-                }
-            };
-            if events.is_empty() {
-                // Nothing retained after the cursor (pruned while this sink was not
-                // configured): jump to the oldest retained event.
-                match self.store.oldest_seq() {
-                    Ok(o) if o > cursor + 1 => {
-                        cursor = o - 1;
-                        self.save_cursor(cursor).await;
-                    }
-                    _ => {
-                        if let Wake::Stop = self.pause(poll, None).await {
-                            break;
-                        }
-                    }
-                }
-                continue;
-            }
-            match self.sink.deliver(&events).await {
-                Ok(()) => {
-                    crate::ops::failpoint::hit("relay.after_deliver");
-                    let last = events[events.len() - 1].seq;
-                    let confirmations = self.sink.confirmations(&events);
-                    self.save_cursor_with(last, confirmations).await;
-                    cursor = last;
-                    self.status
-                        .delivered
-                        .fetch_add(events.len() as u64, Ordering::Relaxed);
-                    if self.status.consecutive_failures.swap(0, Ordering::SeqCst) > 0 {
-                        tracing::info!(sink = self.name(), "sink delivering again");
-                        if let Ok(mut l) = self.status.last_error.lock() {
-                            *l = None;
-                        }
-                    }
-                    single = false;
-                    poison = None;
-                }
-                Err(SinkError::Unavailable(msg)) => {
-                    let err = SinkError::Unavailable(msg);
-                    let n = self.note_failure(&err);
-                    if n == 1 || n % 20 == 0 {
-                        tracing::warn!(sink = self.name(), error = %err, failures = n, "sink unavailable; backing off");
-                    }
-                    match self.pause(self.backoff(n), None).await {
-                        Wake::Go => {}
-                        Wake::Replay(r) => self.handle_replay(&mut cursor, r).await,
-                        Wake::Stop => break,
-                    }
-                }
-                Err(SinkError::Failed(msg)) if events.len() > 1 => {
-                    // Find the culprit: retry one event at a time.
-                    let err = SinkError::Failed(msg);
-                    self.note_failure(&err);
-                    tracing::warn!(sink = self.name(), error = %err, "batch failed; retrying one event at a time");
-                    single = true;
-                }
-                Err(err) => {
-                    let (index, message) = match &err {
-                        SinkError::Rejected { index, message } => (*index, message.clone()),
-                        SinkError::Failed(m) => (0, m.clone()),
-                        SinkError::Unavailable(m) => (0, m.clone()),
-                    };
-                    let index = index.min(events.len() - 1);
-                    if index > 0 {
-                        let delivered_upto = events[index - 1].seq;
-                        self.save_cursor(delivered_upto).await;
-                        cursor = delivered_upto;
-                        self.status
-                            .delivered
-                            .fetch_add(index as u64, Ordering::Relaxed);
-                    }
-                    let bad = &events[index];
-                    let attempts = match poison {
-                        Some((seq, n)) if seq == bad.seq => n + 1,
-                        _ => 1,
-                    };
-                    poison = Some((bad.seq, attempts));
-                    let n = self.note_failure(&err);
-                    if attempts >= self.cfg.max_attempts {
-                        tracing::error!(
-                            sink = self.name(),
-                            seq = bad.seq,
-                            event_id = %bad.event_id,
-                            eval_id = %bad.eval_id,
-                            event_type = bad.kind.as_str(),
-                            attempts,
-                            error = %message,
-                            "poison event moved to dead letters"
-                        );
-                        match self
-                            .store
-                            .dead_letter(self.name(), bad.clone(), message, attempts)
-                            .await
-                        {
-                            Ok(()) => {
-                                cursor = cursor.max(bad.seq);
-                                self.status.cursor.store(cursor, Ordering::SeqCst);
-                                self.status.dead_letters.fetch_add(1, Ordering::Relaxed);
-                                self.status.consecutive_failures.store(0, Ordering::SeqCst);
-                                poison = None;
-                                single = false;
-                            }
-                            Err(e) => {
-                                tracing::error!(sink = self.name(), error = %e, "cannot park dead letter");
-                            }
-                        }
-                        continue;
-                    }
-                    single = true;
-                    match self.pause(self.backoff(n), None).await {
-                        Wake::Go => {}
-                        Wake::Replay(r) => self.handle_replay(&mut cursor, r).await,
-                        Wake::Stop => break,
-                    }
-                }
-            }
-        }
-        tracing::info!(sink = self.name(), cursor, "relay stopped");
-    }
-}
+mod relay;
 
 #[cfg(test)]
 mod tests;

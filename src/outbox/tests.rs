@@ -104,12 +104,11 @@ async fn until(what: &str, f: impl Fn() -> bool) {
     }
 }
 
-fn run(store: &Arc<Store>, sink: Arc<Scripted>) -> (Arc<Outbox>, CancellationToken, TaskTracker) {
+fn run(store: &Arc<Store>, sink: Arc<Scripted>) -> (Arc<Outbox>, Arc<Runner>) {
     let outbox = Outbox::new(store.clone(), cfg(), vec![sink as Arc<dyn Sink>]);
-    let stop = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    outbox.start(&tracker, stop.clone());
-    (outbox, stop, tracker)
+    let runner = Runner::new(CancellationToken::new());
+    outbox.start(&runner);
+    (outbox, runner)
 }
 
 fn seqs(sink: &Scripted) -> Vec<u64> {
@@ -125,7 +124,7 @@ fn seqs(sink: &Scripted) -> Vec<u64> {
 async fn delivers_everything_in_order_and_saves_the_cursor() {
     let (_d, store) = setup(10).await;
     let sink = Arc::new(Scripted::default());
-    let (outbox, stop, tracker) = run(&store, sink.clone());
+    let (outbox, runner) = run(&store, sink.clone());
     until("delivery", || seqs(&sink).len() == 10).await;
     assert_eq!(seqs(&sink), (1..=10).collect::<Vec<_>>());
     until("cursor", || {
@@ -154,9 +153,7 @@ async fn delivers_everything_in_order_and_saves_the_cursor() {
         (r.backlog, r.delivered, r.dead_letters) == (0, 11, 0)
     })
     .await;
-    stop.cancel();
-    tracker.close();
-    tracker.wait().await;
+    assert!(runner.stop(Duration::from_secs(30)).await);
 }
 
 #[tokio::test]
@@ -166,7 +163,7 @@ async fn an_outage_is_retried_and_never_dead_lettered() {
         outage_calls: AtomicU64::new(10),
         ..Scripted::default()
     });
-    let (outbox, stop, _t) = run(&store, sink.clone());
+    let (outbox, runner) = run(&store, sink.clone());
     until("recovery", || seqs(&sink).len() == 6).await;
     assert_eq!(seqs(&sink), (1..=6).collect::<Vec<_>>());
     assert_eq!(store.dead_letter_count("scripted"), 0);
@@ -175,7 +172,7 @@ async fn an_outage_is_retried_and_never_dead_lettered() {
         r.retries >= 10 && r.ok
     })
     .await;
-    stop.cancel();
+    runner.stop(Duration::from_secs(30)).await;
 }
 
 #[tokio::test]
@@ -185,7 +182,7 @@ async fn a_poison_event_is_parked_after_max_attempts_and_the_rest_flows() {
         poison: [5].into_iter().collect(),
         ..Scripted::default()
     });
-    let (outbox, stop, _t) = run(&store, sink.clone());
+    let (outbox, runner) = run(&store, sink.clone());
     until("the rest", || seqs(&sink).len() == 8).await;
     assert_eq!(seqs(&sink), vec![1, 2, 3, 4, 6, 7, 8, 9]);
     let dl = store
@@ -199,7 +196,7 @@ async fn a_poison_event_is_parked_after_max_attempts_and_the_rest_flows() {
     })
     .await;
     until("report", || outbox.reports()[0].dead_letters == 1).await;
-    stop.cancel();
+    runner.stop(Duration::from_secs(30)).await;
 }
 
 #[tokio::test]
@@ -209,21 +206,21 @@ async fn an_unattributed_batch_failure_is_narrowed_to_one_event() {
         opaque: [3].into_iter().collect(),
         ..Scripted::default()
     });
-    let (_outbox, stop, _t) = run(&store, sink.clone());
+    let (_outbox, runner) = run(&store, sink.clone());
     until("the rest", || seqs(&sink).len() == 7).await;
     assert_eq!(seqs(&sink), vec![1, 2, 4, 5, 6, 7, 8]);
     let dl = store
         .dead_letters(Some("scripted"), 10)
         .expect("dead letters");
     assert_eq!(dl.iter().map(|d| d.seq).collect::<Vec<_>>(), vec![3]);
-    stop.cancel();
+    runner.stop(Duration::from_secs(30)).await;
 }
 
 #[tokio::test]
 async fn replay_redelivers_the_same_event_ids() {
     let (_d, store) = setup(5).await;
     let sink = Arc::new(Scripted::default());
-    let (outbox, stop, _t) = run(&store, sink.clone());
+    let (outbox, runner) = run(&store, sink.clone());
     until("delivery", || seqs(&sink).len() == 5).await;
     let first: Vec<String> = sink
         .delivered
@@ -247,7 +244,7 @@ async fn replay_redelivers_the_same_event_ids() {
         outbox.replay("scripted", 99).await,
         Err(ReplayError::Store(StoreError::ReplayOutOfWindow { .. }))
     ));
-    stop.cancel();
+    runner.stop(Duration::from_secs(30)).await;
 }
 
 #[tokio::test]
@@ -259,9 +256,8 @@ async fn pruning_waits_for_every_sink_and_the_window() {
     let outbox = Outbox::new(store.clone(), c, vec![sink.clone() as Arc<dyn Sink>]);
     // Nothing delivered yet: nothing may be pruned.
     assert_eq!(outbox.prune_once().await.expect("prune"), 0);
-    let stop = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    outbox.start(&tracker, stop.clone());
+    let runner = Runner::new(CancellationToken::new());
+    outbox.start(&runner);
     until("cursor", || {
         store.cursor("scripted").ok().flatten() == Some(6)
     })
@@ -269,5 +265,5 @@ async fn pruning_waits_for_every_sink_and_the_window() {
     tokio::time::sleep(Duration::from_millis(5)).await;
     assert_eq!(outbox.prune_once().await.expect("prune"), 6);
     assert_eq!(store.oldest_seq().expect("oldest"), 7);
-    stop.cancel();
+    runner.stop(Duration::from_secs(30)).await;
 }

@@ -18,6 +18,7 @@ use crate::executor::{signal_name, Executor, Job, RunOutput, Termination};
 use crate::model::{FailureReason, Finish, Status};
 use crate::ops::metrics::{Exposition, Histogram, LabeledCounter};
 use crate::ops::report::{Health, Level, Report};
+use crate::ops::worker::{Backoff, Runner, State, Worker};
 use crate::store::{Store, StoreError};
 use crate::BoxFuture;
 use std::collections::{HashMap, HashSet};
@@ -61,8 +62,10 @@ pub struct Queue {
     claimed: Mutex<HashSet<String>>,
     /// Kill switches of evaluations being executed.
     running: Mutex<HashMap<String, CancellationToken>>,
+    /// The evaluations being worked on (each its own task).
     tracker: TaskTracker,
-    stop_dispatch: CancellationToken,
+    /// The dispatcher's runner; stopping it stops starting new work.
+    dispatch: Arc<Runner>,
     pub stats: QueueStats,
 }
 
@@ -87,7 +90,7 @@ impl Queue {
             claimed: Mutex::new(HashSet::new()),
             running: Mutex::new(HashMap::new()),
             tracker: TaskTracker::new(),
-            stop_dispatch: CancellationToken::new(),
+            dispatch: Runner::new(CancellationToken::new()),
             stats: QueueStats::default(),
         })
     }
@@ -138,14 +141,22 @@ impl Queue {
 
     /// Start the dispatcher.
     pub fn start(self: &Arc<Self>) {
-        let q = self.clone();
-        self.tracker.spawn(async move { q.dispatch().await });
+        self.dispatch.spawn(Dispatcher {
+            queue: self.clone(),
+            slots: Arc::new(Semaphore::new(self.workers)),
+            head: self.store.subscribe_head(),
+        });
+    }
+
+    /// The dispatcher's runner (for /health).
+    pub fn runner(&self) -> Arc<Runner> {
+        self.dispatch.clone()
     }
 
     /// Graceful stop: no new starts; running work gets `grace` to finish, then it is
     /// killed and recorded as `failed`/`interrupted`. Returns once every worker is done.
     pub async fn shutdown(&self, grace: Duration) {
-        self.stop_dispatch.cancel();
+        self.dispatch.stop(Duration::from_secs(5)).await;
         self.tracker.close();
         let n = self.executing();
         if n > 0 {
@@ -172,75 +183,6 @@ impl Queue {
                 t.cancel();
             }
             self.tracker.wait().await;
-        }
-    }
-
-    async fn dispatch(self: Arc<Self>) {
-        let slots = Arc::new(Semaphore::new(self.workers));
-        let mut head = self.store.subscribe_head();
-        loop {
-            if self.stop_dispatch.is_cancelled() {
-                break;
-            }
-            if self.is_paused() {
-                tokio::select! {
-                    _ = self.wake.notified() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = self.stop_dispatch.cancelled() => break,
-                }
-                continue;
-            }
-            let permit = tokio::select! {
-                p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                _ = self.stop_dispatch.cancelled() => break,
-            };
-            if self.store.queue_depth() > 0 {
-                if let Err(e) = self.executor.ready().await {
-                    // Nothing starts while the executor cannot run it: the work stays
-                    // queued (the executor logs the outage once).
-                    tracing::debug!(error = %e, "executor not ready; work stays queued");
-                    drop(permit);
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        _ = self.stop_dispatch.cancelled() => break,
-                    }
-                    continue;
-                }
-            }
-            let next = {
-                let claimed = self.claimed.lock().map(|c| c.clone()).unwrap_or_default();
-                self.store.next_queued(&claimed, 1)
-            };
-            match next {
-                Ok(ids) if !ids.is_empty() => {
-                    let id = ids[0].clone();
-                    if let Ok(mut c) = self.claimed.lock() {
-                        c.insert(id.clone());
-                    }
-                    let q = self.clone();
-                    self.tracker.spawn(async move {
-                        q.work(id).await;
-                        drop(permit);
-                    });
-                }
-                Ok(_) => {
-                    drop(permit);
-                    tokio::select! {
-                        _ = head.changed() => {}
-                        _ = self.wake.notified() => {}
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        _ = self.stop_dispatch.cancelled() => break,
-                    }
-                }
-                Err(e) => {
-                    drop(permit);
-                    tracing::error!(error = %e, "cannot read the queue");
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        _ = self.stop_dispatch.cancelled() => break,
-                    }
-                }
-            }
         }
     }
 
@@ -289,7 +231,8 @@ impl Queue {
         let (status, reason) = (fin.status, fin.failure_reason);
         // A finish that cannot be written now is retried: the evaluation must not stay
         // `running` while the process lives. A user cancel already wrote `cancelled`.
-        let mut delay = Duration::from_millis(100);
+        let backoff = Backoff::millis(100, 5_000);
+        let mut failures = 0;
         loop {
             match self.store.finish(&id, fin.clone()).await {
                 Ok(r) => {
@@ -315,12 +258,77 @@ impl Queue {
                 | Err(StoreError::WrongState(..)) => break,
                 Err(e) => {
                     tracing::error!(eval_id = %id, error = %e, "cannot record the result; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    failures += 1;
+                    tokio::time::sleep(backoff.delay(failures)).await;
                 }
             }
         }
         self.wake.notify_one();
+    }
+}
+
+/// Starts queued evaluations while a worker slot is free (the concurrency cap).
+struct Dispatcher {
+    queue: Arc<Queue>,
+    slots: Arc<Semaphore>,
+    head: tokio::sync::watch::Receiver<u64>,
+}
+
+impl Dispatcher {
+    async fn step(&mut self, stop: &CancellationToken) -> Result<State, String> {
+        let q = &self.queue;
+        if q.is_paused() {
+            return Ok(State::Idle);
+        }
+        let permit = tokio::select! {
+            p = self.slots.clone().acquire_owned() => p.map_err(|e| e.to_string())?,
+            _ = stop.cancelled() => return Ok(State::Done),
+        };
+        if q.store.queue_depth() > 0 {
+            if let Err(e) = q.executor.ready().await {
+                // Nothing starts while the executor cannot run it: the work stays queued
+                // (the executor logs the outage once).
+                tracing::debug!(error = %e, "executor not ready; work stays queued");
+                return Ok(State::Throttled(Duration::from_secs(1)));
+            }
+        }
+        let claimed = q.claimed.lock().map(|c| c.clone()).unwrap_or_default();
+        let ids = q
+            .store
+            .next_queued(&claimed, 1)
+            .map_err(|e| format!("cannot read the queue: {e}"))?;
+        let Some(id) = ids.into_iter().next() else {
+            return Ok(State::Idle);
+        };
+        if let Ok(mut c) = q.claimed.lock() {
+            c.insert(id.clone());
+        }
+        let worker = q.clone();
+        q.tracker.spawn(async move {
+            worker.work(id).await;
+            drop(permit);
+        });
+        Ok(State::Busy)
+    }
+}
+
+impl Worker for Dispatcher {
+    fn name(&self) -> String {
+        "queue".into()
+    }
+
+    fn work<'a>(&'a mut self, stop: &'a CancellationToken) -> BoxFuture<'a, Result<State, String>> {
+        Box::pin(self.step(stop))
+    }
+
+    fn wait_for_work(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            tokio::select! {
+                _ = self.head.changed() => {}
+                _ = self.queue.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        })
     }
 }
 
