@@ -1,25 +1,32 @@
 //! Crucible: a self-hosted code-evaluation appliance in one binary.
 //!
-//! The seed platform's eight services, one module each:
+//! The seed platform's services, one module each:
 //!
-//! | seed service            | module                 |
-//! |-------------------------|------------------------|
-//! | API gateway             | [`gateway`] (hyper: JSON API, SSE, /health, /metrics) |
-//! | Queue service + worker  | [`queue`] (durable FIFO in the store, worker pool)   |
-//! | Executor + Docker proxy | [`executor`] (trait; [`executor::sandbox`] backend)   |
-//! | Redis pub/sub, storage worker | [`outbox`] relays feeding [`sinks`]            |
-//! | PostgreSQL              | (a sink, later)                                        |
-//! | (new) durable outbox    | [`store`] (single writer, group commit) + [`outbox`]   |
+//! | seed service                  | module |
+//! |-------------------------------|--------|
+//! | API gateway                   | [`gateway`] (hyper: JSON API, SSE, web UI, /health, /metrics) |
+//! | Queue service + queue worker  | [`queue`] (durable FIFO in the store, dispatcher, worker pool) |
+//! | Executor + Docker proxy       | [`executor`]: [`executor::sandbox`] (namespaces, no daemon; [`executor::helper`] runs the code) and [`executor::docker`] (one hardened container per run) |
+//! | Redis pub/sub                 | [`sinks::redis`] (PUBLISH + XADD), fed by an [`outbox`] relay |
+//! | Storage worker + PostgreSQL   | [`sinks::postgres`] (batched idempotent upserts), fed by an [`outbox`] relay |
+//! | Redis request/reply (seed 004)| [`redis_rr`], a second way in to [`service`] beside the gateway |
+//! | (new) durable outbox          | [`store`] (single writer, group commit) + [`outbox`] (relays, pruning, replay) |
 //!
 //! Supporting modules: [`service`] (the operations, shared by every transport),
-//! [`error`] (errors with an HTTP status and a stable code), [`config`] (TOML < env < flags), [`model`] (the record and
-//! validation), [`events`] (the one event type), [`ops`] (logging, metrics, signals),
-//! [`client`] (the HTTP client used by the CLI and the tests), [`app`] (wiring and
-//! ordered shutdown), [`cli`] (the command line).
+//! [`model`] (the record, its state machine and validation), [`events`] (the one event
+//! type), [`error`] (the table of stable error codes), [`config`] (TOML < env < flags),
+//! [`redis`] (the Redis connection), [`sinks::file`] (JSON-lines sink), [`ops`] (logging,
+//! metrics, the health/metrics seam [`ops::report`], the background [`ops::worker`]
+//! runner, signals, systemd), [`client`] (the HTTP client of the CLI and the tests, and
+//! `events tail`), [`app`] (wiring and ordered shutdown), [`cli`] (the command line).
+//!
+//! Dependencies run one way: transports ([`gateway`], [`redis_rr`]) -> [`service`] ->
+//! [`queue`] / [`outbox`] -> [`store`] -> [`model`] / [`events`]; relays -> [`sinks`];
+//! every subsystem reports through [`ops::report`]; nothing imports upward.
 //!
 //! Rules the layout keeps: only [`store`] writes state; every state change and its event
-//! are one atomic, flushed batch; only [`sinks`] talk to external destinations; only the
-//! sandbox helper process ([`executor::helper`]) runs user code.
+//! are one atomic, flushed batch; only [`sinks`] deliver events to external destinations;
+//! only the sandbox helper process ([`executor::helper`]) and the container run user code.
 
 pub mod app;
 pub mod cli;

@@ -1,5 +1,5 @@
 //! Executors run one evaluation's code under limits and report what happened. They are
-//! behind one trait so backends (the embedded `sandbox`, later `docker`) are
+//! behind one trait so the backends (the embedded [`sandbox`] and [`docker`]) are
 //! interchangeable. An executor never writes state: the queue worker turns its
 //! [`RunOutput`] into a store transition.
 

@@ -1,6 +1,6 @@
 //! The queue service and its worker pool.
 //!
-//! The queue itself is durable: it is the `q/` range of the store, in FIFO order of
+//! The queue itself is durable: it is the `queued` part of the store's status index, in FIFO order of
 //! acceptance, and it survives restarts. This module dispatches from it: a dispatcher
 //! waits for a free worker slot (the concurrency cap), claims the oldest queued
 //! evaluation, and a worker moves it to `running` (durably, before any code runs), runs
