@@ -3,8 +3,9 @@
 //! token, so tests and embedders can run the real server in-process.
 
 use crate::config::{Config, ExecutorKind};
+use crate::executor::cgroup::Cgroups;
 use crate::executor::docker::DockerExecutor;
-use crate::executor::sandbox::{default_work_dir, SandboxExecutor};
+use crate::executor::sandbox::{default_work_dir, Containment, SandboxExecutor};
 use crate::executor::{Executor, ExecutorReport};
 use crate::gateway::{self, HttpStats, State};
 use crate::ops::report::{NotConfigured, Report, Reporters};
@@ -73,14 +74,7 @@ pub async fn run(
 
     let sinks = build_sinks(&cfg)?;
     let outbox = Outbox::new(store.clone(), cfg.outbox.clone(), sinks.sinks);
-    let queue = Queue::new(
-        store.clone(),
-        executor.clone(),
-        cfg.workers,
-        cfg.max_queued,
-        cfg.limits.memory_mb,
-        cfg.start_paused,
-    );
+    let queue = Queue::new(store.clone(), executor.clone(), cfg.clone());
     // Relays outlive the queue at shutdown: the last results must still be delivered.
     let relays = Runner::new(CancellationToken::new());
     outbox.start(&relays);
@@ -178,7 +172,9 @@ async fn build_executor(
     match cfg.executor {
         ExecutorKind::Sandbox => {
             let work_dir = default_work_dir(cfg, store.node_id());
-            let sandbox = SandboxExecutor::new(cfg, work_dir).map_err(|e| anyhow!(e))?;
+            let containment = containment(cfg, store.node_id())?;
+            let sandbox =
+                SandboxExecutor::new(cfg, work_dir, containment).map_err(|e| anyhow!(e))?;
             for (lang, why) in sandbox.unavailable() {
                 tracing::warn!(language = %lang, "{why}");
             }
@@ -197,6 +193,40 @@ async fn build_executor(
             docker.start().await;
             let runner = docker.runner();
             Ok((docker, Some(runner)))
+        }
+    }
+}
+
+/// One cgroup per run if this host lets the appliance have one; else, loudly, rlimits and
+/// the memory watchdog (or a refusal to start with `[sandbox] require_cgroup`).
+fn containment(cfg: &Config, node: &str) -> anyhow::Result<Containment> {
+    match Cgroups::detect(node) {
+        Ok(c) => {
+            tracing::info!(
+                limits = c.label(),
+                location = %c.location(),
+                "each run gets its own cgroup: memory, processes and CPU are limited for its whole process tree"
+            );
+            Ok(Containment::Cgroup(Arc::new(c)))
+        }
+        Err(why) => {
+            const FIX: &str = "run it under systemd with the shipped unit (Delegate=yes), in a \
+                delegated scope (`systemd-run --user --scope -p Delegate=yes crucible serve ...`), \
+                or as root";
+            if cfg.sandbox.require_cgroup {
+                return Err(anyhow!(
+                    "no cgroup can be had for the runs ({why}), and [sandbox] require_cgroup = \
+                     true refuses to run without one: {FIX}"
+                ));
+            }
+            tracing::warn!(
+                reason = %why,
+                limits = "rlimit",
+                "NO CGROUP FOR THE RUNS: memory, processes and CPU are limited per process \
+                 (rlimits) and by a memory watchdog, not for the whole process tree. To fix: \
+                 {FIX}; set [sandbox] require_cgroup = true to refuse to start instead"
+            );
+            Ok(Containment::Rlimit(why))
         }
     }
 }

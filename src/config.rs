@@ -228,9 +228,15 @@ pub struct Limits {
     /// Bytes of stdout and of stderr kept per evaluation; the rest is read and dropped,
     /// and `output_truncated` is set.
     pub max_output_bytes: usize,
-    /// Address-space limit per process in MiB (RLIMIT_AS / Docker memory).
+    /// Memory (memory + swap) of an evaluation's whole process tree, in MiB: its cgroup's
+    /// limit (the Docker container's). The default, and the most a request may ask for;
+    /// `[languages.X] memory_mb` overrides it for one language.
     pub memory_mb: u64,
-    /// Processes (and threads) the evaluation may have at once (RLIMIT_NPROC / pids limit).
+    /// CPU time (user + system) of an evaluation's whole process tree, in milliseconds:
+    /// the default and the most a request may ask for (`limits.cpu_ms`).
+    pub max_cpu_ms: u64,
+    /// Processes (and threads) an evaluation's whole tree may have at once (its cgroup's
+    /// pids limit; also RLIMIT_NPROC). The default and the most a request may ask for.
     pub max_processes: u64,
     /// Largest file the evaluation may write, in MiB (RLIMIT_FSIZE).
     pub max_file_mb: u64,
@@ -290,6 +296,11 @@ pub struct SandboxConfig {
     pub path: String,
     /// Work area for sandbox roots; default `<data_dir>/sandbox`.
     pub work_dir: Option<PathBuf>,
+    /// CPU quota per evaluation, in CPUs (its cgroup's cpu.max / cfs quota).
+    pub cpus: f64,
+    /// Refuse to start when no cgroup can be had for the runs (instead of running with
+    /// per-process rlimits and a memory watchdog, loudly). The .deb's config sets it.
+    pub require_cgroup: bool,
 }
 
 /// One language: how the sandbox runs it and which image the Docker backend uses.
@@ -307,6 +318,13 @@ pub struct Language {
     /// Debian package that provides the interpreter (named when it is missing).
     #[serde(default)]
     pub package: Option<String>,
+    /// This language's memory limit in MiB, instead of `[limits] memory_mb` (the JVM
+    /// needs more).
+    #[serde(default)]
+    pub memory_mb: Option<u64>,
+    /// This language's process limit, instead of `[limits] max_processes`.
+    #[serde(default)]
+    pub max_processes: Option<u64>,
 }
 
 /// A `[languages.NAME]` table as written in the file: every key optional.
@@ -317,6 +335,8 @@ struct LanguagePatch {
     file: Option<String>,
     image: Option<String>,
     package: Option<String>,
+    memory_mb: Option<u64>,
+    max_processes: Option<u64>,
     enabled: Option<bool>,
 }
 
@@ -350,6 +370,8 @@ impl Default for Config {
                 file: "main.py".into(),
                 image: Some("python:3.12-slim".into()),
                 package: Some("python3".into()),
+                memory_mb: None,
+                max_processes: None,
             },
         );
         languages.insert(
@@ -359,6 +381,8 @@ impl Default for Config {
                 file: "main.sh".into(),
                 image: Some("busybox:stable".into()),
                 package: Some("dash".into()),
+                memory_mb: None,
+                max_processes: None,
             },
         );
         Self {
@@ -409,6 +433,7 @@ impl Default for Limits {
             max_timeout_secs: 300.0,
             max_output_bytes: 256 * 1024,
             memory_mb: 256,
+            max_cpu_ms: 60_000,
             max_processes: 64,
             max_file_mb: 16,
             tmp_mb: 16,
@@ -465,6 +490,8 @@ impl Default for SandboxConfig {
             .collect(),
             path: "/usr/local/bin:/usr/bin:/bin".into(),
             work_dir: None,
+            cpus: 1.0,
+            require_cgroup: false,
         }
     }
 }
@@ -545,6 +572,8 @@ impl Config {
                     file: default_file_name(),
                     image: None,
                     package: None,
+                    memory_mb: None,
+                    max_processes: None,
                 });
                 if let Some(c) = patch.command {
                     lang.command = c;
@@ -557,6 +586,12 @@ impl Config {
                 }
                 if let Some(p) = patch.package {
                     lang.package = Some(p);
+                }
+                if let Some(m) = patch.memory_mb {
+                    lang.memory_mb = Some(m);
+                }
+                if let Some(p) = patch.max_processes {
+                    lang.max_processes = Some(p);
                 }
                 merged.insert(name, lang);
             }
@@ -737,6 +772,15 @@ impl Config {
         if l.max_processes == 0 {
             return Err(invalid("limits.max_processes", "must be at least 1"));
         }
+        if l.max_cpu_ms < 10 {
+            return Err(invalid("limits.max_cpu_ms", "must be at least 10"));
+        }
+        if !(self.sandbox.cpus.is_finite()
+            && self.sandbox.cpus >= 0.01
+            && self.sandbox.cpus <= 256.0)
+        {
+            return Err(invalid("sandbox.cpus", "must be between 0.01 and 256"));
+        }
         if l.tmp_mb == 0 || l.max_file_mb == 0 {
             return Err(invalid(
                 "limits.tmp_mb",
@@ -790,6 +834,15 @@ impl Config {
             }
             if lang.command.is_empty() || lang.command[0].is_empty() {
                 return Err(invalid(&format!("{key}.command"), "must name a program"));
+            }
+            if lang.memory_mb.is_some_and(|m| m < 16) {
+                return Err(invalid(&format!("{key}.memory_mb"), "must be at least 16"));
+            }
+            if lang.max_processes == Some(0) {
+                return Err(invalid(
+                    &format!("{key}.max_processes"),
+                    "must be at least 1",
+                ));
             }
             if lang.file.is_empty()
                 || lang.file.len() > 64
@@ -849,6 +902,21 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The most (and the default) an evaluation in `language` may use: `[limits]`, with
+    /// the language's own overrides.
+    pub fn max_limits(&self, language: &str) -> crate::model::RunLimits {
+        let l = &self.limits;
+        let lang = self.languages.get(language);
+        crate::model::RunLimits {
+            memory_mb: lang.and_then(|x| x.memory_mb).unwrap_or(l.memory_mb),
+            cpu_ms: l.max_cpu_ms,
+            max_processes: lang
+                .and_then(|x| x.max_processes)
+                .unwrap_or(l.max_processes),
+            max_output_bytes: l.max_output_bytes as u64,
+        }
     }
 
     /// Where sandbox roots are created.

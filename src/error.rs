@@ -59,6 +59,8 @@ codes! {
     InvalidField => UNPROCESSABLE_ENTITY, "invalid_field";
     /// The language is unknown, or its toolchain is missing on this host.
     UnsupportedLanguage => UNPROCESSABLE_ENTITY, "unsupported_language";
+    /// A requested limit is above the server's maximum (`field` names it).
+    LimitTooHigh => UNPROCESSABLE_ENTITY, "limit_too_high";
     /// More evaluations in one batch than allowed.
     BatchTooLarge => UNPROCESSABLE_ENTITY, "batch_too_large";
     /// The replay start is outside the retained event log.

@@ -161,6 +161,12 @@ pub struct Evaluation {
     pub started_at: Option<String>,
     pub completed_at: Option<String>,
     pub runtime_ms: Option<u64>,
+    /// CPU time (user + system) of the run's whole process tree, in milliseconds.
+    #[serde(default)]
+    pub cpu_ms: Option<u64>,
+    /// Peak memory of the run's whole process tree, in KiB.
+    #[serde(default)]
+    pub memory_peak_kb: Option<u64>,
     pub exit_code: Option<i32>,
     /// `true` only for `completed`; `false` for the other terminal states; `null` before.
     pub success: Option<bool>,
@@ -173,6 +179,10 @@ pub struct Evaluation {
     pub output_truncated: bool,
     pub failure_reason: Option<FailureReason>,
     pub metadata: Option<Value>,
+    /// The limits the run gets (the request's, within the server's maximum for the
+    /// language). `null` only on records written before limits were recorded.
+    #[serde(default)]
+    pub limits: Option<RunLimits>,
     /// Rises by one with every event of this evaluation.
     pub version: u64,
     /// The node that accepted the evaluation.
@@ -195,6 +205,8 @@ impl Evaluation {
             started_at: None,
             completed_at: None,
             runtime_ms: None,
+            cpu_ms: None,
+            memory_peak_kb: None,
             exit_code: None,
             success: None,
             output: String::new(),
@@ -203,6 +215,7 @@ impl Evaluation {
             output_truncated: false,
             failure_reason: None,
             metadata: new.metadata,
+            limits: Some(new.limits),
             version: 0,
             node,
             created_seq: 0,
@@ -221,6 +234,8 @@ pub struct Finish {
     pub failure_reason: Option<FailureReason>,
     pub error: Option<String>,
     pub runtime_ms: Option<u64>,
+    pub cpu_ms: Option<u64>,
+    pub memory_peak_kb: Option<u64>,
 }
 
 /// A state change the record's current status does not allow.
@@ -286,6 +301,8 @@ impl Evaluation {
         n.failure_reason = fin.failure_reason;
         n.error = fin.error;
         n.runtime_ms = fin.runtime_ms;
+        n.cpu_ms = fin.cpu_ms;
+        n.memory_peak_kb = fin.memory_peak_kb;
         n.success = Some(fin.status == Status::Completed);
         Ok((n, EventType::for_status(fin.status)))
     }
@@ -321,6 +338,46 @@ impl Evaluation {
     }
 }
 
+/// The limits one evaluation runs under. A request may lower each of them, never raise
+/// it above the server's maximum for its language.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunLimits {
+    /// Memory (and memory + swap) of the whole process tree, in MiB.
+    pub memory_mb: u64,
+    /// CPU time (user + system) of the whole process tree, in milliseconds.
+    pub cpu_ms: u64,
+    /// Processes and threads of the whole tree at once.
+    pub max_processes: u64,
+    /// Bytes of stdout and of stderr kept.
+    pub max_output_bytes: u64,
+}
+
+impl RunLimits {
+    /// The names, as in requests, records and `[limits]`.
+    pub const NAMES: [&'static str; 4] =
+        ["memory_mb", "cpu_ms", "max_processes", "max_output_bytes"];
+
+    fn get_mut(&mut self, name: &str) -> Option<&mut u64> {
+        match name {
+            "memory_mb" => Some(&mut self.memory_mb),
+            "cpu_ms" => Some(&mut self.cpu_ms),
+            "max_processes" => Some(&mut self.max_processes),
+            "max_output_bytes" => Some(&mut self.max_output_bytes),
+            _ => None,
+        }
+    }
+
+    /// The smallest accepted value of each limit.
+    fn minimum(name: &str) -> u64 {
+        match name {
+            "memory_mb" => 16,
+            "cpu_ms" => 10,
+            "max_output_bytes" => 64,
+            _ => 1,
+        }
+    }
+}
+
 /// A validated submission, ready for the store.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewEvaluation {
@@ -329,6 +386,8 @@ pub struct NewEvaluation {
     pub stdin: Option<String>,
     pub timeout: f64,
     pub metadata: Option<Value>,
+    /// The limits it will run under.
+    pub limits: RunLimits,
 }
 
 /// What validation needs to know.
@@ -340,6 +399,8 @@ pub struct SubmitRules<'a> {
     pub max_metadata_bytes: usize,
     pub default_timeout: f64,
     pub max_timeout: f64,
+    /// The most a request may ask for, per language (also the default).
+    pub max_limits: &'a dyn Fn(&str) -> RunLimits,
 }
 
 /// Whether a language can be used right now.
@@ -490,13 +551,59 @@ pub fn validate_submission(
         }
         Some(_) => return Err(FieldError::new("metadata", "`metadata` must be an object")),
     };
+    let limits = validate_limits(obj.get("limits"), (rules.max_limits)(&language))?;
     Ok(NewEvaluation {
         language,
         code,
         stdin,
         timeout,
         metadata,
+        limits,
     })
+}
+
+/// `limits`: each key optional, a whole number from its minimum up to `max`'s value.
+fn validate_limits(v: Option<&Value>, max: RunLimits) -> Result<RunLimits, FieldError> {
+    let obj = match v {
+        None | Some(Value::Null) => return Ok(max),
+        Some(Value::Object(o)) => o,
+        Some(_) => return Err(FieldError::new("limits", "`limits` must be an object")),
+    };
+    let mut out = max;
+    for (key, value) in obj {
+        let field = format!("limits.{}", truncate_for_message(key));
+        let mut capped = max;
+        let Some(cap) = capped.get_mut(key).map(|c| *c) else {
+            return Err(FieldError::new(
+                &field,
+                format!(
+                    "unknown limit; expected one of {}",
+                    RunLimits::NAMES.join(", ")
+                ),
+            ));
+        };
+        let min = RunLimits::minimum(key);
+        let n = match value.as_u64() {
+            Some(n) if n >= min => n,
+            _ => {
+                return Err(FieldError::new(
+                    &field,
+                    format!("`{field}` must be a whole number of at least {min}"),
+                ))
+            }
+        };
+        if n > cap {
+            return Err(FieldError {
+                field: field.clone(),
+                code: Code::LimitTooHigh,
+                message: format!("`{field}` is {n}; this server allows at most {cap}"),
+            });
+        }
+        if let Some(slot) = out.get_mut(key) {
+            *slot = n;
+        }
+    }
+    Ok(out)
 }
 
 fn truncate_for_message(s: &str) -> String {
@@ -533,7 +640,75 @@ mod tests {
             max_metadata_bytes: 50,
             default_timeout: 10.0,
             max_timeout: 60.0,
+            max_limits: &max_limits,
         }
+    }
+
+    fn max_limits(lang: &str) -> RunLimits {
+        RunLimits {
+            memory_mb: if lang == "sh" { 512 } else { 256 },
+            cpu_ms: 60_000,
+            max_processes: 64,
+            max_output_bytes: 262_144,
+        }
+    }
+
+    #[test]
+    fn limits_may_be_lowered_never_raised() {
+        let n = validate_submission(&json!({"code": "a"}), &rules()).expect("valid");
+        assert_eq!(n.limits, max_limits("python"));
+        let n = validate_submission(
+            &json!({"code": "a", "limits": {"memory_mb": 64, "cpu_ms": 500}}),
+            &rules(),
+        )
+        .expect("lowered");
+        assert_eq!((n.limits.memory_mb, n.limits.cpu_ms), (64, 500));
+        assert_eq!(n.limits.max_processes, 64, "others keep the maximum");
+        let sh = validate_submission(
+            &json!({"code": "a", "language": "sh", "limits": {"memory_mb": 400}}),
+            &rules(),
+        )
+        .expect("the language's own maximum");
+        assert_eq!(sh.limits.memory_mb, 400);
+        for (limits, field, code) in [
+            (
+                json!({"memory_mb": 257}),
+                "limits.memory_mb",
+                Code::LimitTooHigh,
+            ),
+            (
+                json!({"cpu_ms": 60_001}),
+                "limits.cpu_ms",
+                Code::LimitTooHigh,
+            ),
+            (
+                json!({"max_processes": 0}),
+                "limits.max_processes",
+                Code::InvalidField,
+            ),
+            (
+                json!({"memory_mb": "64"}),
+                "limits.memory_mb",
+                Code::InvalidField,
+            ),
+            (
+                json!({"memory_mb": 1.5}),
+                "limits.memory_mb",
+                Code::InvalidField,
+            ),
+            (json!({"disk_mb": 1}), "limits.disk_mb", Code::InvalidField),
+            (json!([1]), "limits", Code::InvalidField),
+        ] {
+            let e = validate_submission(&json!({"code": "a", "limits": limits}), &rules())
+                .expect_err(field);
+            assert_eq!((e.field.as_str(), e.code), (field, code), "{limits}");
+        }
+        let e = validate_submission(
+            &json!({"code": "a", "limits": {"memory_mb": 300}}),
+            &rules(),
+        )
+        .expect_err("too high");
+        assert!(e.message.contains("at most 256"), "{}", e.message);
     }
 
     #[test]
@@ -598,6 +773,8 @@ mod tests {
             failure_reason: None,
             error: None,
             runtime_ms: Some(1),
+            cpu_ms: Some(1),
+            memory_peak_kb: Some(100),
         }
     }
 

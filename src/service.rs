@@ -136,6 +136,7 @@ impl Service {
             max_metadata_bytes: l.max_metadata_bytes,
             default_timeout: l.default_timeout_secs,
             max_timeout: l.max_timeout_secs,
+            max_limits: &|lang: &str| self.cfg.max_limits(lang),
         };
         validate_submission(v, &rules)
     }

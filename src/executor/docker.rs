@@ -15,11 +15,14 @@
 //! label) are removed. With `warm_pool > 0`, containers are created ahead of time and each
 //! serves exactly one evaluation.
 
+use super::cgroup::{DockerParent, DockerParents};
+use super::Usage;
 use super::{
     read_capped_stream, BoxFuture, Executor, ExecutorHealth, Job, LanguageState, RunOutput,
     Termination,
 };
 use crate::config::Config;
+use crate::model::RunLimits;
 use crate::ops::worker::{Runner, State, Worker};
 use bollard::models::{ContainerCreateBody, HostConfig, ResourcesUlimits};
 use bollard::query_parameters::{
@@ -35,6 +38,9 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+
+/// Inodes of the container's /tmp (a loop creating files must hit a limit).
+const TMP_INODES: u64 = 16384;
 
 /// Label carrying the node id; orphan reaping selects on it.
 pub const LABEL_NODE: &str = "crucible.node";
@@ -60,10 +66,20 @@ struct EngineState {
 /// Counters for /metrics and the benchmark.
 #[derive(Debug, Default)]
 pub struct DockerStats {
+    /// Runs in which the kernel (or, without a parent of ours, the engine) recorded an
+    /// OOM kill.
+    pub oom_kills: AtomicU64,
     pub created: AtomicU64,
     pub warm_hits: AtomicU64,
     pub warm_misses: AtomicU64,
     pub create_retries: AtomicU64,
+}
+
+/// A container created for one run (or ahead of time, for the warm pool), with the
+/// cgroup parent the appliance owns for it, if any.
+struct Slot {
+    id: String,
+    parent: Option<DockerParent>,
 }
 
 /// The Docker executor.
@@ -71,20 +87,24 @@ pub struct DockerExecutor {
     docker: Docker,
     node: String,
     languages: HashMap<String, Lang>,
+    /// The most (and the default) a run of each language gets.
+    max_limits: HashMap<String, RunLimits>,
     user: String,
-    memory_bytes: i64,
-    pids: i64,
     nano_cpus: i64,
     tmp_bytes: u64,
     max_file_bytes: i64,
     max_open_files: i64,
-    max_output: usize,
+    /// Cgroup parents owned by the appliance (root, cgroupfs driver): the kernel's own OOM
+    /// record, peak memory and CPU time of each container. `None`: the engine's word.
+    parents: Option<DockerParents>,
+    /// Why the appliance owns no parents (for /health).
+    parents_reason: Mutex<Option<String>>,
     pull: bool,
     create_attempts: u32,
     warm_target: usize,
     /// Memory the engine may hand out at once: (workers + warm containers) x memory limit.
     memory_budget_bytes: u64,
-    warm: Mutex<HashMap<String, VecDeque<String>>>,
+    warm: Mutex<HashMap<String, VecDeque<Slot>>>,
     refill: Notify,
     /// The warm-pool worker, stopped at shutdown so nothing it creates outlives the process.
     pool: Arc<Runner>,
@@ -98,6 +118,12 @@ pub struct DockerExecutor {
     state: Mutex<EngineState>,
     pub stats: DockerStats,
 }
+
+/// The container's own memory limit sits this far above its parent's, so that the tree
+/// always reaches the parent's limit first: the OOM is then an event of the parent, where
+/// the appliance registered for it, and not only of the container's cgroup, which is gone
+/// by the time the engine reports the exit.
+const CONTAINER_MEMORY_HEADROOM: u64 = 4 * 1024 * 1024;
 
 /// Quote one argument for `sh -c`.
 fn sh_quote(s: &str) -> String {
@@ -165,18 +191,27 @@ impl DockerExecutor {
             );
         }
         let l = &cfg.limits;
+        let max_limits = cfg
+            .languages
+            .keys()
+            .map(|n| (n.clone(), cfg.max_limits(n)))
+            .collect();
+        let (parents, parents_reason) = match DockerParents::detect(node) {
+            Ok(p) => (Some(p), None),
+            Err(e) => (None, Some(e)),
+        };
         Ok(Arc::new(DockerExecutor {
             docker,
             node: node.to_string(),
             languages,
+            max_limits,
             user: cfg.docker.user.clone(),
-            memory_bytes: (l.memory_mb * 1024 * 1024) as i64,
-            pids: l.max_processes as i64,
             nano_cpus: (cfg.docker.cpus * 1e9) as i64,
             tmp_bytes: l.tmp_mb * 1024 * 1024,
             max_file_bytes: (l.max_file_mb * 1024 * 1024) as i64,
             max_open_files: l.max_open_files as i64,
-            max_output: l.max_output_bytes,
+            parents,
+            parents_reason: Mutex::new(parents_reason),
             pull: cfg.docker.pull,
             create_attempts: cfg.docker.create_attempts,
             warm_target: cfg.docker.warm_pool,
@@ -326,6 +361,9 @@ impl DockerExecutor {
                     "removed containers left by an earlier run of this node"
                 );
             }
+            if let Some(p) = &self.parents {
+                p.reap();
+            }
             *done = true;
         }
         Ok(())
@@ -386,14 +424,27 @@ impl DockerExecutor {
         Ok(())
     }
 
-    fn body(&self, lang: &Lang, eval: &str) -> ContainerCreateBody {
+    fn body(
+        &self,
+        lang: &Lang,
+        eval: &str,
+        limits: &RunLimits,
+        parent: Option<&DockerParent>,
+    ) -> ContainerCreateBody {
+        let mut memory = limits.memory_mb * 1024 * 1024;
+        if parent.is_some() {
+            memory += CONTAINER_MEMORY_HEADROOM;
+        }
         let mut labels = HashMap::new();
         labels.insert(LABEL_NODE.to_string(), self.node.clone());
         labels.insert(LABEL_EVAL.to_string(), eval.to_string());
         let mut tmpfs = HashMap::new();
         tmpfs.insert(
             "/tmp".to_string(),
-            format!("rw,noexec,nosuid,nodev,size={},mode=1777", self.tmp_bytes),
+            format!(
+                "rw,noexec,nosuid,nodev,size={},nr_inodes={TMP_INODES},mode=1777",
+                self.tmp_bytes
+            ),
         );
         let host = HostConfig {
             network_mode: Some("none".into()),
@@ -401,9 +452,10 @@ impl DockerExecutor {
             tmpfs: Some(tmpfs),
             cap_drop: Some(vec!["ALL".into()]),
             security_opt: Some(vec!["no-new-privileges".into()]),
-            pids_limit: Some(self.pids),
-            memory: Some(self.memory_bytes),
-            memory_swap: Some(self.memory_bytes),
+            pids_limit: Some(limits.max_processes as i64),
+            memory: Some(memory as i64),
+            memory_swap: Some(memory as i64),
+            cgroup_parent: parent.map(|p| p.cgroup_parent.clone()),
             nano_cpus: Some(self.nano_cpus),
             oom_score_adj: Some(1000),
             // /dev/shm is writable in every container: cap it like /tmp.
@@ -455,21 +507,32 @@ impl DockerExecutor {
         }
     }
 
-    /// Create a container, retrying transient engine errors a few times.
-    async fn create(&self, lang: &Lang, eval: &str) -> Result<String, String> {
+    /// The cgroup parent of a new container, when the appliance owns parents.
+    fn new_parent(&self, limits: &RunLimits) -> Result<Option<DockerParent>, String> {
+        let Some(parents) = &self.parents else {
+            return Ok(None);
+        };
+        let run = format!("run-{}", uuid::Uuid::new_v4().simple());
+        parents
+            .create(&run, limits.memory_mb * 1024 * 1024)
+            .map(Some)
+            .map_err(|e| format!("cannot create the run's cgroup parent: {e}"))
+    }
+
+    /// Create a container (and its cgroup parent), retrying transient engine errors a few
+    /// times.
+    async fn create(&self, lang: &Lang, eval: &str, limits: &RunLimits) -> Result<Slot, String> {
+        let parent = self.new_parent(limits)?;
         let mut delay = Duration::from_millis(100);
         let mut last = String::new();
         for attempt in 1..=self.create_attempts {
             let name = format!("crucible-{}-{}", self.node, uuid::Uuid::new_v4().simple());
             let opts = CreateContainerOptionsBuilder::default().name(&name).build();
-            match self
-                .docker
-                .create_container(Some(opts), self.body(lang, eval))
-                .await
-            {
+            let body = self.body(lang, eval, limits, parent.as_ref());
+            match self.docker.create_container(Some(opts), body).await {
                 Ok(r) => {
                     self.stats.created.fetch_add(1, Ordering::Relaxed);
-                    return Ok(r.id);
+                    return Ok(Slot { id: r.id, parent });
                 }
                 Err(e) => {
                     let text = docker_err(e);
@@ -485,6 +548,9 @@ impl DockerExecutor {
                 }
             }
         }
+        if let Some(p) = parent {
+            tokio::task::spawn_blocking(move || p.remove());
+        }
         Err(format!(
             "cannot create a container from `{}`: {last}",
             lang.image
@@ -498,10 +564,14 @@ impl DockerExecutor {
     /// Remove a finished run's container in the background: the result does not wait for
     /// the engine's clean-up. `stop` waits for these, and a crash leaves nothing that the
     /// next first contact does not reap.
-    fn remove_later(&self, id: String) {
+    fn remove_later(&self, slot: Slot) {
         let docker = self.docker.clone();
-        self.removals
-            .spawn(async move { remove_container(&docker, &id).await });
+        self.removals.spawn(async move {
+            remove_container(&docker, &slot.id).await;
+            if let Some(p) = slot.parent {
+                let _ = tokio::task::spawn_blocking(move || p.remove()).await;
+            }
+        });
     }
 
     async fn kill(&self, id: &str) {
@@ -511,7 +581,7 @@ impl DockerExecutor {
         let _ = self.docker.kill_container(id, Some(opts)).await;
     }
 
-    fn take_warm(&self, language: &str) -> Option<String> {
+    fn take_warm(&self, language: &str) -> Option<Slot> {
         let got = self
             .warm
             .lock()
@@ -535,20 +605,23 @@ impl DockerExecutor {
                 }
                 // Created AND started: the bootstrap waits for its code on stdin, so an
                 // evaluation skips both steps.
-                let ready = match self.create(lang, "warm").await {
-                    Ok(id) => match self.docker.start_container(&id, None).await {
-                        Ok(()) => Ok(id),
+                let Some(limits) = self.max_limits.get(name).copied() else {
+                    break;
+                };
+                let ready = match self.create(lang, "warm", &limits).await {
+                    Ok(slot) => match self.docker.start_container(&slot.id, None).await {
+                        Ok(()) => Ok(slot),
                         Err(e) => {
-                            self.remove(&id).await;
+                            self.remove_later(slot);
                             Err(format!("start: {e}"))
                         }
                     },
                     Err(e) => Err(e),
                 };
                 match ready {
-                    Ok(id) => {
+                    Ok(slot) => {
                         if let Ok(mut w) = self.warm.lock() {
-                            w.entry(name.clone()).or_default().push_back(id);
+                            w.entry(name.clone()).or_default().push_back(slot);
                         }
                     }
                     Err(e) => {
@@ -567,50 +640,72 @@ impl DockerExecutor {
     async fn run_lang(&self, lang: &Lang, job: &Job, cancel: CancellationToken) -> RunOutput {
         let started = Instant::now();
         let mut warm = None;
-        if let Some(id) = self.take_warm(&job.language) {
+        // Warm containers carry the language's full limits: a run that asks for less
+        // gets a container of its own.
+        let default = self.max_limits.get(&job.language) == Some(&job.limits);
+        if let Some(slot) = default.then(|| self.take_warm(&job.language)).flatten() {
             // A warm container waits on stdin; one the engine stopped meanwhile (an
             // engine restart, say) is dropped for a fresh one.
             let running = self
                 .docker
-                .inspect_container(&id, None)
+                .inspect_container(&slot.id, None)
                 .await
                 .ok()
                 .and_then(|c| c.state)
                 .and_then(|s| s.running)
                 .unwrap_or(false);
             if running {
-                warm = Some(id);
+                warm = Some(slot);
             } else {
-                self.remove_later(id);
+                self.remove_later(slot);
             }
         }
         let prestarted = warm.is_some();
-        let id = match warm {
-            Some(id) => {
+        let slot = match warm {
+            Some(slot) => {
                 self.stats.warm_hits.fetch_add(1, Ordering::Relaxed);
-                id
+                slot
             }
             None => {
                 if self.warm_target > 0 {
                     self.stats.warm_misses.fetch_add(1, Ordering::Relaxed);
                 }
-                match self.create(lang, &job.eval_id).await {
-                    Ok(id) => id,
+                match self.create(lang, &job.eval_id, &job.limits).await {
+                    Ok(slot) => slot,
                     Err(e) => return RunOutput::executor_error(e, started.elapsed()),
                 }
             }
         };
         // A warm container keeps its `crucible.eval_id=warm` label (labels are fixed at
         // creation); this record pairs it with the evaluation.
-        tracing::debug!(eval_id = %job.eval_id, container = %id, "evaluation runs in container");
-        let out = self.run_in(&id, job, cancel, started, prestarted).await;
-        self.remove_later(id);
+        tracing::debug!(eval_id = %job.eval_id, container = %slot.id, "evaluation runs in container");
+        let out = self.run_in(&slot, job, cancel, started, prestarted).await;
+        self.remove_later(slot);
         out
+    }
+
+    /// The slot's parent, if the engine really put the container under it (it does not
+    /// with the systemd cgroup driver, or an engine on another host); said once.
+    fn effective_parent<'a>(&self, slot: &'a Slot) -> Option<&'a DockerParent> {
+        let p = slot.parent.as_ref()?;
+        if p.holds(&slot.id) {
+            return Some(p);
+        }
+        if let Ok(mut r) = self.parents_reason.lock() {
+            if r.is_none() {
+                let why = "the engine did not put the container under the appliance's cgroup \
+                           parent (systemd cgroup driver, or an engine on another host): memory \
+                           verdicts rely on the engine's OOMKilled flag";
+                tracing::warn!("{why}");
+                *r = Some(why.to_string());
+            }
+        }
+        None
     }
 
     async fn run_in(
         &self,
-        id: &str,
+        slot: &Slot,
         job: &Job,
         cancel: CancellationToken,
         started: Instant,
@@ -622,6 +717,7 @@ impl DockerExecutor {
             .stderr(true)
             .stream(true)
             .build();
+        let id = slot.id.as_str();
         let attached = match self.docker.attach_container(id, Some(attach)).await {
             Ok(a) => a,
             Err(e) => return RunOutput::executor_error(format!("attach: {e}"), started.elapsed()),
@@ -642,8 +738,9 @@ impl DockerExecutor {
             let _ = input.write_all(&payload).await;
             let _ = input.shutdown().await;
         });
-        let cap = self.max_output;
+        let cap = job.limits.max_output_bytes as usize;
         let reader = tokio::spawn(read_capped_stream(output, cap));
+        let parent = self.effective_parent(slot);
 
         let mut wait = self.docker.wait_container(id, None);
         let mut termination = None;
@@ -665,6 +762,7 @@ impl DockerExecutor {
             }
             _ = tokio::time::sleep(deadline) => termination = Some(Termination::TimedOut),
             _ = cancel.cancelled() => termination = Some(Termination::Cancelled),
+            _ = cpu_watch(parent, job.limits.cpu_ms) => termination = Some(Termination::CpuLimit),
         }
         if termination.is_some() {
             self.kill(id).await;
@@ -676,6 +774,13 @@ impl DockerExecutor {
                 _ => ((Vec::new(), Vec::new()), false),
             };
         let duration = started.elapsed();
+        // What the kernel recorded in the parent the appliance owns: OOM events, peak
+        // memory and CPU time of the container's whole tree.
+        let counted = parent.map(|p| p.usage());
+        let usage = Usage {
+            cpu_ms: counted.and_then(|u| u.cpu_usec).map(|us| us / 1000),
+            memory_peak_kb: counted.and_then(|u| u.memory_peak_bytes).map(|b| b / 1024),
+        };
         if let Some(t) = termination {
             return RunOutput {
                 termination: t,
@@ -683,12 +788,21 @@ impl DockerExecutor {
                 stderr,
                 truncated,
                 duration,
-                memory_exceeded: false,
+                memory_exceeded: counted.is_some_and(|u| u.oom_kills > 0),
+                usage,
             };
         }
         let inspect = self.docker.inspect_container(id, None).await.ok();
         let st = inspect.and_then(|i| i.state);
-        let oom = st.as_ref().and_then(|s| s.oom_killed).unwrap_or(false);
+        let oom = match counted {
+            Some(u) => u.oom_kills > 0,
+            // Without a parent of ours, the engine's flag is all there is (some engines
+            // never set it; /health says which way verdicts are made).
+            None => st.as_ref().and_then(|s| s.oom_killed).unwrap_or(false),
+        };
+        if oom {
+            self.stats.oom_kills.fetch_add(1, Ordering::Relaxed);
+        }
         let code = st
             .as_ref()
             .and_then(|s| s.exit_code)
@@ -708,6 +822,21 @@ impl DockerExecutor {
             truncated,
             duration,
             memory_exceeded: oom,
+            usage,
+        }
+    }
+}
+
+/// Completes when the container's tree used up its CPU time (read from the parent the
+/// appliance owns); pending without one.
+async fn cpu_watch(parent: Option<&DockerParent>, cpu_ms: u64) {
+    let Some(p) = parent else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        if p.usage().cpu_usec.unwrap_or(0) > cpu_ms * 1000 {
+            return;
         }
     }
 }
@@ -798,6 +927,11 @@ impl Executor for DockerExecutor {
     fn metrics(&self, e: &mut crate::ops::metrics::Exposition) {
         let st = &self.stats;
         e.counter(
+            "crucible_oom_kills_total",
+            "Runs in which a process was OOM-killed (the kernel's record in the run's cgroup parent, or the engine's flag).",
+            st.oom_kills.load(Ordering::Relaxed),
+        );
+        e.counter(
             "crucible_docker_containers_created_total",
             "Containers created (per evaluation or for the warm pool).",
             st.created.load(Ordering::Relaxed),
@@ -861,7 +995,18 @@ impl Executor for DockerExecutor {
                 .lock()
                 .map(|w| w.values().map(|q| q.len()).sum())
                 .unwrap_or(0);
+            let limits_reason = self.parents_reason.lock().ok().and_then(|r| r.clone());
             ExecutorHealth {
+                // The engine caps each container's tree with a cgroup either way; the reason
+                // says when OOM verdicts come from the engine's flag instead of a parent of ours.
+                limits: match &self.parents {
+                    Some(p) => p.label(),
+                    None if std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() => {
+                        "cgroup2"
+                    }
+                    None => "cgroup1",
+                },
+                limits_reason,
                 backend: "docker",
                 ok: st.reachable,
                 detail: if st.reachable {

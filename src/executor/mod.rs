@@ -3,6 +3,7 @@
 //! interchangeable. An executor never writes state: the queue worker turns its
 //! [`RunOutput`] into a store transition.
 
+pub mod cgroup;
 pub mod docker;
 pub mod helper;
 pub mod sandbox;
@@ -13,6 +14,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_util::sync::CancellationToken;
 
+use crate::model::RunLimits;
 use crate::ops::report::{Health, Level, Report};
 pub use crate::BoxFuture;
 
@@ -24,6 +26,16 @@ pub struct Job {
     pub code: String,
     pub stdin: Option<String>,
     pub timeout: Duration,
+    /// The limits of the run (memory and processes of the whole tree, CPU time, output).
+    pub limits: RunLimits,
+}
+
+/// What a run used, as the kernel counted it for the whole process tree (from the run's
+/// cgroup; from the helper's rusage and the memory watchdog without one).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub cpu_ms: Option<u64>,
+    pub memory_peak_kb: Option<u64>,
 }
 
 /// How the run ended.
@@ -35,6 +47,8 @@ pub enum Termination {
     Signaled(i32),
     /// The wall-clock timeout expired; the whole process tree was killed.
     TimedOut,
+    /// The whole tree used its CPU-time allowance (`limits.cpu_ms`) and was killed.
+    CpuLimit,
     /// The cancellation token fired; the whole process tree was killed.
     Cancelled,
     /// The executor could not run the program.
@@ -50,8 +64,11 @@ pub struct RunOutput {
     /// stdout or stderr exceeded the cap; the rest was read and dropped.
     pub truncated: bool,
     pub duration: Duration,
-    /// The run hit its memory allowance (backend-specific detection).
+    /// A process of the run was killed for memory, as the kernel recorded it (an OOM kill
+    /// counted in the run's cgroup), or, without a cgroup, the memory watchdog killed it.
     pub memory_exceeded: bool,
+    /// What the run used.
+    pub usage: Usage,
 }
 
 impl RunOutput {
@@ -64,6 +81,7 @@ impl RunOutput {
             truncated: false,
             duration,
             memory_exceeded: false,
+            usage: Usage::default(),
         }
     }
 }
@@ -76,6 +94,12 @@ pub struct ExecutorHealth {
     pub detail: String,
     /// Language -> "available" or why not.
     pub languages: BTreeMap<String, String>,
+    /// How the limits of a run apply: `cgroup2` or `cgroup1` (one cgroup per run, for the
+    /// whole process tree) or `rlimit` (per process, with a memory watchdog).
+    pub limits: &'static str,
+    /// Why there is no cgroup, when `limits` is `rlimit`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limits_reason: Option<String>,
 }
 
 /// Whether a language can run here, as the executor sees it.

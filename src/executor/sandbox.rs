@@ -1,30 +1,66 @@
-//! The `sandbox` backend: no daemon, Linux namespaces + rlimits via the helper process
-//! (`crucible __sandbox`, see [`super::helper`]).
+//! The `sandbox` backend: no daemon; Linux namespaces, one cgroup per run and rlimits,
+//! through the helper process (`crucible __sandbox`, see [`super::helper`]).
 //!
-//! This side resolves languages to programs on the host, starts the helper with the spec
-//! on fd 3 and a result pipe on fd 4, feeds stdin, reads stdout and stderr separately
-//! with a cap, enforces the wall-clock timeout by killing the helper (which takes the
-//! whole sandbox with it), and classifies the outcome. It never runs user code itself.
+//! This side resolves languages to programs on the host, starts the helper, puts it into
+//! the run's own cgroup (memory + swap, processes and a CPU quota for the whole tree;
+//! see [`super::cgroup`]) before it reads its spec on fd 3, feeds stdin, reads stdout
+//! and stderr separately with a cap, enforces the wall-clock timeout and the tree's CPU
+//! time by killing the whole group, reads the kernel's counters (OOM kills, peak memory,
+//! CPU time) and removes the group. It never runs user code itself.
+//!
+//! Without a cgroup (a non-root `cargo run` on a host without delegation) runs still
+//! happen, loudly: per-process rlimits, and a watchdog that sums the memory of the run's
+//! processes every few tens of milliseconds and kills the run past its allowance.
 
+use super::cgroup::{CgroupLimits, Cgroups, RunCgroup};
 use super::helper::{HelperResult, Spec, CODE_DIR};
 use super::{
     read_capped, BoxFuture, Executor, ExecutorHealth, Job, LanguageState, RunOutput, Termination,
+    Usage,
 };
 use crate::config::Config;
+use crate::model::RunLimits;
+use crate::ops::metrics::{Exposition, LabeledCounter};
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
+
+/// How often the watchdog (no cgroup) sums the run's memory, and the CPU monitor reads
+/// the run's CPU time.
+const WATCH_EVERY: Duration = Duration::from_millis(25);
 
 #[derive(Debug, Clone)]
 struct Resolved {
     program: String,
     args: Vec<String>,
     file: String,
+}
+
+/// How runs are contained on this host, decided once at start.
+pub enum Containment {
+    /// One cgroup per run.
+    Cgroup(Arc<Cgroups>),
+    /// No cgroup could be had: rlimits and the memory watchdog; the reason says why.
+    Rlimit(String),
+}
+
+/// Counters of the sandbox, for /metrics.
+#[derive(Debug, Default)]
+pub struct SandboxStats {
+    /// Runs by how their limits applied (`cgroup2`, `cgroup1`, `rlimit`).
+    pub runs: LabeledCounter,
+    /// Runs in which the kernel OOM-killed a process.
+    pub oom_kills: AtomicU64,
+    /// Runs the memory watchdog killed (no cgroup).
+    pub watchdog_kills: AtomicU64,
+    /// Runs killed for using up their CPU time.
+    pub cpu_kills: AtomicU64,
 }
 
 /// The sandbox executor.
@@ -38,19 +74,27 @@ pub struct SandboxExecutor {
     ro_dirs: Vec<String>,
     etc_files: Vec<String>,
     path: String,
-    memory_bytes: u64,
-    max_processes: u64,
+    containment: Containment,
+    cpus: f64,
     max_file_bytes: u64,
     max_open_files: u64,
     tmp_bytes: u64,
-    max_output: usize,
     last_error: Mutex<Option<String>>,
+    pub stats: SandboxStats,
+}
+
+/// What ended a run before the program did.
+enum Stop {
+    TimedOut,
+    Cancelled,
+    CpuLimit,
+    Watchdog,
 }
 
 impl SandboxExecutor {
     /// Build the executor from the config: resolve each language's program on this host
     /// and prepare the work directory (wiping leftovers of a crashed run).
-    pub fn new(cfg: &Config, work_dir: PathBuf) -> Result<Self, String> {
+    pub fn new(cfg: &Config, work_dir: PathBuf, containment: Containment) -> Result<Self, String> {
         let exe =
             std::env::current_exe().map_err(|e| format!("cannot find the crucible binary: {e}"))?;
         let mut languages = HashMap::new();
@@ -89,6 +133,12 @@ impl SandboxExecutor {
             }
         }
         prepare_work_dir(&work_dir, cfg.sandbox.uid, cfg.sandbox.gid)?;
+        if let Containment::Cgroup(c) = &containment {
+            let n = c.reap();
+            if n > 0 {
+                tracing::warn!(count = n, "removed run cgroups left by an earlier crash");
+            }
+        }
         let l = &cfg.limits;
         Ok(SandboxExecutor {
             exe,
@@ -100,13 +150,13 @@ impl SandboxExecutor {
             ro_dirs: cfg.sandbox.ro_dirs.clone(),
             etc_files: cfg.sandbox.etc_files.clone(),
             path: cfg.sandbox.path.clone(),
-            memory_bytes: l.memory_mb * 1024 * 1024,
-            max_processes: l.max_processes,
+            containment,
+            cpus: cfg.sandbox.cpus,
             max_file_bytes: l.max_file_mb * 1024 * 1024,
             max_open_files: l.max_open_files,
             tmp_bytes: l.tmp_mb * 1024 * 1024,
-            max_output: l.max_output_bytes,
             last_error: Mutex::new(None),
+            stats: SandboxStats::default(),
         })
     }
 
@@ -115,7 +165,15 @@ impl SandboxExecutor {
         &self.unavailable
     }
 
-    /// Run `/bin/sh -c 'exit 0'`-equivalent through the whole sandbox path once, so a host
+    /// `cgroup2`, `cgroup1` or `rlimit`.
+    pub fn limits_mode(&self) -> &'static str {
+        match &self.containment {
+            Containment::Cgroup(c) => c.label(),
+            Containment::Rlimit(_) => "rlimit",
+        }
+    }
+
+    /// Run `true` (or `sh -c 'exit 0'`) through the whole sandbox path once, so a host
     /// that cannot create the sandbox is reported at start-up, not on the first request.
     pub async fn self_test(&self) -> Result<(), String> {
         let program = resolve_program("true", &self.path, &self.ro_dirs)
@@ -137,6 +195,12 @@ impl SandboxExecutor {
             code: String::new(),
             stdin: None,
             timeout: Duration::from_secs(30),
+            limits: RunLimits {
+                memory_mb: 64,
+                cpu_ms: 10_000,
+                max_processes: 8,
+                max_output_bytes: 4096,
+            },
         };
         let out = self.run_resolved(&r, &job, CancellationToken::new()).await;
         match out.termination {
@@ -151,6 +215,15 @@ impl SandboxExecutor {
 
     fn spec(&self, r: &Resolved, job: &Job) -> Spec {
         let secs = job.timeout.as_secs_f64().ceil() as u64;
+        let cpu_secs = (job.limits.cpu_ms.div_ceil(1000)).min(secs.max(1));
+        let memory = job.limits.memory_mb * 1024 * 1024;
+        // With a cgroup, the cgroup is the memory limit: runtimes that reserve large
+        // virtual ranges (JVM, Go, Node) must run. Without one, the address space is a
+        // second line behind the watchdog: it bounds one process before the watchdog sees it.
+        let address_space = match self.containment {
+            Containment::Cgroup(_) => u64::MAX,
+            Containment::Rlimit(_) => memory.saturating_mul(4),
+        };
         Spec {
             parent_pid: std::process::id(),
             uid: self.uid,
@@ -163,14 +236,36 @@ impl SandboxExecutor {
             program: r.program.clone(),
             args: r.args.clone(),
             path: self.path.clone(),
-            memory_bytes: self.memory_bytes,
-            max_processes: self.max_processes,
+            memory_bytes: address_space,
+            max_processes: job.limits.max_processes,
             max_file_bytes: self.max_file_bytes,
             max_open_files: self.max_open_files,
-            cpu_secs: secs.max(1) + 1,
+            cpu_secs: cpu_secs + 1,
             tmp_bytes: self.tmp_bytes,
             backstop_secs: secs.max(1) + 2,
         }
+    }
+
+    /// The run's cgroup, with the helper (and so everything it starts) inside.
+    fn contain(&self, job: &Job, pid: u32) -> Result<Option<RunCgroup>, String> {
+        let Containment::Cgroup(c) = &self.containment else {
+            return Ok(None);
+        };
+        let limits = CgroupLimits {
+            memory_bytes: job.limits.memory_mb * 1024 * 1024,
+            // The helper and the sandbox's init process are in the group too.
+            max_processes: job.limits.max_processes + 2,
+            cpus: self.cpus,
+        };
+        let name = format!("run-{}", uuid::Uuid::new_v4().simple());
+        let g = c
+            .create(&name, &limits)
+            .map_err(|e| format!("cannot create the run's cgroup: {e}"))?;
+        if let Err(e) = g.add(pid) {
+            g.remove_now();
+            return Err(format!("cannot move the run into its cgroup: {e}"));
+        }
+        Ok(Some(g))
     }
 
     async fn run_resolved(&self, r: &Resolved, job: &Job, cancel: CancellationToken) -> RunOutput {
@@ -179,8 +274,7 @@ impl SandboxExecutor {
             Ok(s) => s,
             Err(e) => return RunOutput::executor_error(format!("spec: {e}"), started.elapsed()),
         };
-        let spawned = spawn_helper(&self.exe);
-        let (mut child, spec_w, result_r) = match spawned {
+        let (mut child, spec_w, result_r) = match spawn_helper(&self.exe) {
             Ok(x) => x,
             Err(e) => {
                 let msg = format!("cannot start the sandbox helper: {e}");
@@ -188,6 +282,18 @@ impl SandboxExecutor {
                 return RunOutput::executor_error(msg, started.elapsed());
             }
         };
+        let pid = child.id().unwrap_or(0);
+        // The helper waits for its spec: nothing of the run starts before it is contained.
+        let cgroup = match self.contain(job, pid) {
+            Ok(g) => g,
+            Err(msg) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                self.note_error(&msg);
+                return RunOutput::executor_error(msg, started.elapsed());
+            }
+        };
+        self.stats.runs.add(&[self.limits_mode()], 1);
 
         let spec_task = tokio::spawn(async move {
             if let Ok(mut w) = tokio::net::unix::pipe::Sender::from_owned_fd(spec_w) {
@@ -207,7 +313,7 @@ impl SandboxExecutor {
                 let _ = w.shutdown().await;
             })
         });
-        let cap = self.max_output;
+        let cap = job.limits.max_output_bytes as usize;
         let out_task = child
             .stdout
             .take()
@@ -217,21 +323,26 @@ impl SandboxExecutor {
             .take()
             .map(|r| tokio::spawn(read_capped(r, cap)));
 
-        let mut termination = None;
-        tokio::select! {
-            _ = child.wait() => {}
-            _ = tokio::time::sleep(job.timeout) => {
-                termination = Some(Termination::TimedOut);
-            }
-            _ = cancel.cancelled() => {
-                termination = Some(Termination::Cancelled);
-            }
-        }
-        if termination.is_some() {
+        let mut peak_sum = 0u64;
+        let stop = tokio::select! {
+            _ = child.wait() => None,
+            _ = tokio::time::sleep(job.timeout) => Some(Stop::TimedOut),
+            _ = cancel.cancelled() => Some(Stop::Cancelled),
+            s = watch(cgroup.as_ref(), pid, job.limits, &mut peak_sum) => Some(s),
+        };
+        if stop.is_some() {
             // Killing the helper kills its child (PDEATHSIG) and with it PID 1 of the
-            // sandbox's PID namespace, which takes every other process there down too.
+            // sandbox's PID namespace, which takes every other process there down too;
+            // the cgroup is killed whole as well.
+            if let Some(g) = &cgroup {
+                g.kill();
+            }
             let _ = child.start_kill();
             let _ = child.wait().await;
+        }
+        // Nothing of the run may outlive it.
+        if let Some(g) = &cgroup {
+            g.kill();
         }
         let duration = started.elapsed();
         spec_task.abort();
@@ -247,56 +358,85 @@ impl SandboxExecutor {
             .and_then(|r| r.ok())
             .unwrap_or_default();
         let truncated = t1 || t2;
+        let result: Option<HelperResult> = serde_json::from_slice(&result_bytes).ok();
 
-        if let Some(t) = termination {
-            return RunOutput {
-                termination: t,
-                stdout,
-                stderr,
-                truncated,
-                duration,
-                memory_exceeded: false,
-            };
-        }
-        let result: HelperResult = match serde_json::from_slice(&result_bytes) {
-            Ok(r) => r,
-            Err(_) => {
-                let msg = "the sandbox helper ended without reporting a result".to_string();
-                self.note_error(&msg);
-                return RunOutput {
-                    stdout,
-                    stderr,
-                    truncated,
-                    ..RunOutput::executor_error(msg, duration)
-                };
+        // What the kernel counted; then the group goes, in the background.
+        let (usage, oom_killed) = match &cgroup {
+            Some(g) => {
+                let u = g.usage();
+                (
+                    Usage {
+                        cpu_ms: u.cpu_usec.map(|us| us / 1000),
+                        memory_peak_kb: u.memory_peak_bytes.map(|b| b / 1024),
+                    },
+                    u.oom_kills > 0,
+                )
+            }
+            None => {
+                let rss_kb = result.as_ref().map(|r| r.max_rss_kb).unwrap_or(0);
+                let cpu = result.as_ref().map(|r| r.user_ms + r.sys_ms);
+                (
+                    Usage {
+                        cpu_ms: cpu,
+                        memory_peak_kb: Some(rss_kb.max(peak_sum / 1024)),
+                    },
+                    false,
+                )
             }
         };
-        if let Some(e) = result.setup_error {
-            self.note_error(&e);
-            return RunOutput {
-                stdout,
-                stderr,
-                truncated,
-                ..RunOutput::executor_error(e, duration)
-            };
+        if let Some(g) = cgroup {
+            tokio::task::spawn_blocking(move || g.remove_now());
         }
-        self.clear_error();
-        let termination = match (result.exit_code, result.signal) {
-            (Some(code), _) => Termination::Exited(code),
-            (None, Some(sig)) => Termination::Signaled(sig),
-            (None, None) => Termination::ExecutorError(result.reason.clone()),
-        };
-        let failed = !matches!(termination, Termination::Exited(0));
-        let memory_exceeded = failed
-            && (result.max_rss_kb * 1024 >= self.memory_bytes / 10 * 9
-                || mentions_out_of_memory(&stderr));
-        RunOutput {
-            termination,
+        let memory_exceeded = oom_killed || matches!(stop, Some(Stop::Watchdog));
+        if oom_killed {
+            self.stats.oom_kills.fetch_add(1, Ordering::Relaxed);
+        }
+        let base = RunOutput {
+            termination: Termination::ExecutorError(String::new()),
             stdout,
             stderr,
             truncated,
             duration,
             memory_exceeded,
+            usage,
+        };
+        let termination = match stop {
+            Some(Stop::TimedOut) => Termination::TimedOut,
+            Some(Stop::Cancelled) => Termination::Cancelled,
+            Some(Stop::CpuLimit) => {
+                self.stats.cpu_kills.fetch_add(1, Ordering::Relaxed);
+                Termination::CpuLimit
+            }
+            Some(Stop::Watchdog) => {
+                self.stats.watchdog_kills.fetch_add(1, Ordering::Relaxed);
+                Termination::Signaled(libc::SIGKILL)
+            }
+            None => match result {
+                None if oom_killed => Termination::Signaled(libc::SIGKILL),
+                None => {
+                    let msg = "the sandbox helper ended without reporting a result".to_string();
+                    self.note_error(&msg);
+                    Termination::ExecutorError(msg)
+                }
+                Some(r) => match r.setup_error {
+                    Some(e) => {
+                        self.note_error(&e);
+                        Termination::ExecutorError(e)
+                    }
+                    None => {
+                        self.clear_error();
+                        match (r.exit_code, r.signal) {
+                            (Some(code), _) => Termination::Exited(code),
+                            (None, Some(sig)) => Termination::Signaled(sig),
+                            (None, None) => Termination::ExecutorError(r.reason.clone()),
+                        }
+                    }
+                },
+            },
+        };
+        RunOutput {
+            termination,
+            ..base
         }
     }
 
@@ -312,6 +452,68 @@ impl SandboxExecutor {
             *e = None;
         }
     }
+}
+
+/// Completes when the run must be stopped for a limit only a watcher can enforce: the
+/// tree's CPU time (from its cgroup) or, without a cgroup, the sum of its processes'
+/// memory (the watchdog). Pending forever when there is nothing to watch.
+async fn watch(cgroup: Option<&RunCgroup>, helper: u32, limits: RunLimits, peak: &mut u64) -> Stop {
+    let memory = limits.memory_mb * 1024 * 1024;
+    loop {
+        tokio::time::sleep(WATCH_EVERY).await;
+        match cgroup {
+            Some(g) => {
+                let used_us = g.usage().cpu_usec.unwrap_or(0);
+                if used_us > limits.cpu_ms * 1000 {
+                    return Stop::CpuLimit;
+                }
+            }
+            None => {
+                let rss = tree_rss_bytes(helper);
+                *peak = (*peak).max(rss);
+                if rss > memory {
+                    return Stop::Watchdog;
+                }
+            }
+        }
+    }
+}
+
+/// Resident memory of `root` and all its descendants (their RSS summed: shared pages
+/// count more than once, so this errs on the safe side).
+fn tree_rss_bytes(root: u32) -> u64 {
+    let page = 4096u64;
+    let mut total = 0;
+    let mut stack = vec![root];
+    let mut seen = 0;
+    while let Some(pid) = stack.pop() {
+        seen += 1;
+        if seen > 100_000 {
+            break;
+        }
+        if let Ok(statm) = std::fs::read_to_string(format!("/proc/{pid}/statm")) {
+            if let Some(rss) = statm
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                total += rss * page;
+            }
+        }
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            if let Ok(children) = std::fs::read_to_string(t.path().join("children")) {
+                stack.extend(
+                    children
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
+            }
+        }
+    }
+    total
 }
 
 impl Executor for SandboxExecutor {
@@ -359,8 +561,37 @@ impl Executor for SandboxExecutor {
                 ok: last.is_none(),
                 detail: last.unwrap_or_else(|| "ready".into()),
                 languages,
+                limits: self.limits_mode(),
+                limits_reason: match &self.containment {
+                    Containment::Rlimit(why) => Some(why.clone()),
+                    Containment::Cgroup(_) => None,
+                },
             }
         })
+    }
+
+    fn metrics(&self, e: &mut Exposition) {
+        e.labeled(
+            "crucible_sandbox_runs_total",
+            "Sandbox runs by how their limits applied (cgroup2, cgroup1, rlimit).",
+            &["limits"],
+            &self.stats.runs,
+        );
+        e.counter(
+            "crucible_oom_kills_total",
+            "Runs in which the kernel OOM-killed a process of the run's cgroup.",
+            self.stats.oom_kills.load(Ordering::Relaxed),
+        );
+        e.counter(
+            "crucible_sandbox_watchdog_kills_total",
+            "Runs the memory watchdog killed (hosts without a cgroup for the runs).",
+            self.stats.watchdog_kills.load(Ordering::Relaxed),
+        );
+        e.counter(
+            "crucible_cpu_limit_kills_total",
+            "Runs killed for using up their CPU time (limits.cpu_ms).",
+            self.stats.cpu_kills.load(Ordering::Relaxed),
+        );
     }
 }
 
@@ -376,15 +607,6 @@ async fn join_capped(
             .unwrap_or_default(),
         None => (Vec::new(), false),
     }
-}
-
-fn mentions_out_of_memory(stderr: &[u8]) -> bool {
-    let tail = &stderr[stderr.len().saturating_sub(4096)..];
-    let text = String::from_utf8_lossy(tail);
-    text.contains("MemoryError")
-        || text.contains("Cannot allocate memory")
-        || text.contains("std::bad_alloc")
-        || text.contains("out of memory")
 }
 
 type Spawned = (tokio::process::Child, OwnedFd, OwnedFd);

@@ -14,8 +14,9 @@
 //!
 //! This module never writes the store except through the store's operations.
 
+use crate::config::Config;
 use crate::executor::{signal_name, Executor, Job, RunOutput, Termination};
-use crate::model::{FailureReason, Finish, Status};
+use crate::model::{FailureReason, Finish, RunLimits, Status};
 use crate::ops::metrics::{Exposition, Histogram, LabeledCounter};
 use crate::ops::report::{Health, Level, Report};
 use crate::ops::worker::{Backoff, Runner, State, Worker};
@@ -53,9 +54,9 @@ impl Default for QueueStats {
 pub struct Queue {
     store: Arc<Store>,
     executor: Arc<dyn Executor>,
+    cfg: Arc<Config>,
     workers: usize,
     max_queued: usize,
-    memory_mb: u64,
     paused: AtomicBool,
     wake: Notify,
     /// Evaluations claimed by a worker but maybe not yet `running` in the store.
@@ -70,22 +71,15 @@ pub struct Queue {
 }
 
 impl Queue {
-    /// A queue over `store` running at most `workers` evaluations at once.
-    pub fn new(
-        store: Arc<Store>,
-        executor: Arc<dyn Executor>,
-        workers: usize,
-        max_queued: usize,
-        memory_mb: u64,
-        paused: bool,
-    ) -> Arc<Queue> {
+    /// A queue over `store` running at most `cfg.workers` evaluations at once.
+    pub fn new(store: Arc<Store>, executor: Arc<dyn Executor>, cfg: Arc<Config>) -> Arc<Queue> {
         Arc::new(Queue {
             store,
             executor,
-            workers,
-            max_queued,
-            memory_mb,
-            paused: AtomicBool::new(paused),
+            workers: cfg.workers,
+            max_queued: cfg.max_queued,
+            paused: AtomicBool::new(cfg.start_paused),
+            cfg,
             wake: Notify::new(),
             claimed: Mutex::new(HashSet::new()),
             running: Mutex::new(HashMap::new()),
@@ -221,13 +215,17 @@ impl Queue {
             code: rec.code.clone(),
             stdin: rec.stdin.clone(),
             timeout: Duration::from_secs_f64(rec.timeout),
+            // Records from before limits were recorded run with today's maximum.
+            limits: rec
+                .limits
+                .unwrap_or_else(|| self.cfg.max_limits(&rec.language)),
         };
         let out = self.executor.run(&job, token).await;
         if let Ok(mut m) = self.running.lock() {
             m.remove(&id);
         }
         self.stats.run_seconds.observe(out.duration.as_secs_f64());
-        let fin = classify(out, self.memory_mb, rec.timeout);
+        let fin = classify(out, &job.limits, rec.timeout);
         let (status, reason) = (fin.status, fin.failure_reason);
         // A finish that cannot be written now is retried: the evaluation must not stay
         // `running` while the process lives. A user cancel already wrote `cancelled`.
@@ -389,7 +387,7 @@ impl Report for Queue {
 }
 
 /// Turn an executor outcome into the terminal transition.
-pub fn classify(out: RunOutput, memory_mb: u64, timeout_secs: f64) -> Finish {
+pub fn classify(out: RunOutput, limits: &RunLimits, timeout_secs: f64) -> Finish {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let runtime_ms = Some(out.duration.as_millis() as u64);
@@ -402,6 +400,8 @@ pub fn classify(out: RunOutput, memory_mb: u64, timeout_secs: f64) -> Finish {
         failure_reason: Some(reason),
         error: Some(error),
         runtime_ms,
+        cpu_ms: out.usage.cpu_ms,
+        memory_peak_kb: out.usage.memory_peak_kb,
     };
     match &out.termination {
         Termination::Cancelled => failed(
@@ -414,6 +414,14 @@ pub fn classify(out: RunOutput, memory_mb: u64, timeout_secs: f64) -> Finish {
             None,
             format!("wall-clock timeout of {timeout_secs} s reached; the process tree was killed"),
         ),
+        Termination::CpuLimit => failed(
+            FailureReason::Timeout,
+            None,
+            format!(
+                "CPU-time limit of {} ms reached; the process tree was killed",
+                limits.cpu_ms
+            ),
+        ),
         Termination::ExecutorError(msg) => failed(FailureReason::ExecutorError, None, msg.clone()),
         t if out.memory_exceeded => {
             let code = match t {
@@ -424,7 +432,10 @@ pub fn classify(out: RunOutput, memory_mb: u64, timeout_secs: f64) -> Finish {
             failed(
                 FailureReason::MemoryLimit,
                 code,
-                format!("memory limit of {memory_mb} MiB reached"),
+                format!(
+                    "memory limit of {} MiB reached (the kernel killed a process of the run)",
+                    limits.memory_mb
+                ),
             )
         }
         Termination::Signaled(sig) if *sig == libc::SIGXCPU => failed(
@@ -446,6 +457,8 @@ pub fn classify(out: RunOutput, memory_mb: u64, timeout_secs: f64) -> Finish {
             failure_reason: None,
             error: None,
             runtime_ms,
+            cpu_ms: out.usage.cpu_ms,
+            memory_peak_kb: out.usage.memory_peak_kb,
         },
         Termination::Exited(code) => failed(
             FailureReason::NonzeroExit,
@@ -458,6 +471,7 @@ pub fn classify(out: RunOutput, memory_mb: u64, timeout_secs: f64) -> Finish {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::executor::Usage;
 
     fn out(t: Termination, mem: bool) -> RunOutput {
         RunOutput {
@@ -467,33 +481,64 @@ mod tests {
             truncated: false,
             duration: Duration::from_millis(5),
             memory_exceeded: mem,
+            usage: Usage {
+                cpu_ms: Some(3),
+                memory_peak_kb: Some(2048),
+            },
         }
+    }
+
+    fn classify_t(o: RunOutput, _mem: u64, timeout: f64) -> Finish {
+        classify(
+            o,
+            &RunLimits {
+                memory_mb: 256,
+                cpu_ms: 1000,
+                max_processes: 8,
+                max_output_bytes: 100,
+            },
+            timeout,
+        )
+    }
+
+    #[test]
+    fn an_oom_kill_is_a_memory_limit_even_after_a_clean_exit() {
+        let c = classify_t(out(Termination::Exited(0), true), 256, 1.0);
+        assert_eq!(
+            (c.status, c.failure_reason, c.exit_code),
+            (Status::Failed, Some(FailureReason::MemoryLimit), Some(0))
+        );
+        let c = classify_t(out(Termination::CpuLimit, false), 256, 1.0);
+        assert_eq!(c.failure_reason, Some(FailureReason::Timeout));
+        assert!(c.error.unwrap_or_default().contains("1000 ms"));
+        let c = classify_t(out(Termination::Exited(0), false), 256, 1.0);
+        assert_eq!((c.cpu_ms, c.memory_peak_kb), (Some(3), Some(2048)));
     }
 
     #[test]
     fn classification() {
-        let c = classify(out(Termination::Exited(0), false), 256, 1.0);
+        let c = classify_t(out(Termination::Exited(0), false), 256, 1.0);
         assert_eq!(c.status, Status::Completed);
         assert_eq!(c.failure_reason, None);
-        let c = classify(out(Termination::Exited(3), false), 256, 1.0);
+        let c = classify_t(out(Termination::Exited(3), false), 256, 1.0);
         assert_eq!(
             (c.status, c.failure_reason, c.exit_code),
             (Status::Failed, Some(FailureReason::NonzeroExit), Some(3))
         );
-        let c = classify(out(Termination::TimedOut, false), 256, 1.0);
+        let c = classify_t(out(Termination::TimedOut, false), 256, 1.0);
         assert_eq!(c.failure_reason, Some(FailureReason::Timeout));
-        let c = classify(out(Termination::Exited(1), true), 256, 1.0);
+        let c = classify_t(out(Termination::Exited(1), true), 256, 1.0);
         assert_eq!(c.failure_reason, Some(FailureReason::MemoryLimit));
-        let c = classify(out(Termination::Signaled(libc::SIGXCPU), false), 256, 1.0);
+        let c = classify_t(out(Termination::Signaled(libc::SIGXCPU), false), 256, 1.0);
         assert_eq!(c.failure_reason, Some(FailureReason::Timeout));
-        let c = classify(out(Termination::Signaled(9), false), 256, 1.0);
+        let c = classify_t(out(Termination::Signaled(9), false), 256, 1.0);
         assert_eq!(
             (c.failure_reason, c.exit_code),
             (Some(FailureReason::NonzeroExit), Some(137))
         );
-        let c = classify(out(Termination::ExecutorError("x".into()), false), 256, 1.0);
+        let c = classify_t(out(Termination::ExecutorError("x".into()), false), 256, 1.0);
         assert_eq!(c.failure_reason, Some(FailureReason::ExecutorError));
-        let c = classify(out(Termination::Cancelled, false), 256, 1.0);
+        let c = classify_t(out(Termination::Cancelled, false), 256, 1.0);
         assert_eq!(c.failure_reason, Some(FailureReason::Interrupted));
         assert_eq!(c.output, "o");
         assert_eq!(c.stderr, "e");

@@ -43,10 +43,11 @@ struct Conn {
 }
 
 /// Schema migrations, applied in order, each once.
-pub const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "evaluations and evaluation_events",
-    r#"
+pub const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "evaluations and evaluation_events",
+        r#"
 CREATE TABLE IF NOT EXISTS evaluations (
     eval_id          text PRIMARY KEY,
     node             text NOT NULL,
@@ -87,7 +88,17 @@ CREATE TABLE IF NOT EXISTS evaluation_events (
 CREATE UNIQUE INDEX IF NOT EXISTS evaluation_events_node_seq ON evaluation_events (node, seq);
 CREATE INDEX IF NOT EXISTS evaluation_events_eval ON evaluation_events (eval_id, version);
 "#,
-)];
+    ),
+    (
+        2,
+        "usage and limits of each run",
+        r#"
+ALTER TABLE evaluations ADD COLUMN IF NOT EXISTS cpu_ms bigint;
+ALTER TABLE evaluations ADD COLUMN IF NOT EXISTS memory_peak_kb bigint;
+ALTER TABLE evaluations ADD COLUMN IF NOT EXISTS limits jsonb;
+"#,
+    ),
+];
 
 /// Advisory lock key serializing migrations across appliances.
 const MIGRATION_LOCK: i64 = 0x0063_7275_6369_626c; // "crucibl"
@@ -96,12 +107,12 @@ const UPSERT: &str = r#"
 INSERT INTO evaluations AS e (
     eval_id, node, status, language, code, stdin, timeout, created_at, started_at,
     completed_at, runtime_ms, exit_code, success, output, stderr, error, output_truncated,
-    failure_reason, metadata, version, created_seq)
+    failure_reason, metadata, version, created_seq, cpu_ms, memory_peak_kb, limits)
 SELECT * FROM UNNEST(
     $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::float8[],
     $8::timestamptz[], $9::timestamptz[], $10::timestamptz[], $11::int8[], $12::int4[],
     $13::bool[], $14::text[], $15::text[], $16::text[], $17::bool[], $18::text[],
-    $19::jsonb[], $20::int8[], $21::int8[])
+    $19::jsonb[], $20::int8[], $21::int8[], $22::int8[], $23::int8[], $24::jsonb[])
 ON CONFLICT (eval_id) DO UPDATE SET
     node = EXCLUDED.node, status = EXCLUDED.status, language = EXCLUDED.language,
     code = EXCLUDED.code, stdin = EXCLUDED.stdin, timeout = EXCLUDED.timeout,
@@ -111,7 +122,8 @@ ON CONFLICT (eval_id) DO UPDATE SET
     stderr = EXCLUDED.stderr, error = EXCLUDED.error,
     output_truncated = EXCLUDED.output_truncated, failure_reason = EXCLUDED.failure_reason,
     metadata = EXCLUDED.metadata, version = EXCLUDED.version,
-    created_seq = EXCLUDED.created_seq, synced_at = now()
+    created_seq = EXCLUDED.created_seq, cpu_ms = EXCLUDED.cpu_ms,
+    memory_peak_kb = EXCLUDED.memory_peak_kb, limits = EXCLUDED.limits, synced_at = now()
 WHERE e.version < EXCLUDED.version
 "#;
 
@@ -331,6 +343,11 @@ async fn write_batch(conn: &mut Conn, events: &[Event]) -> Result<(), tokio_post
             Vec::with_capacity(n), // version
             Vec::with_capacity(n), // created_seq
         );
+        let mut w = (
+            Vec::with_capacity(n), // cpu_ms
+            Vec::with_capacity(n), // memory_peak_kb
+            Vec::with_capacity(n), // limits
+        );
         for r in rows {
             c.0.push(r.eval_id.clone());
             c.1.push(pg_text(&r.node));
@@ -353,12 +370,18 @@ async fn write_batch(conn: &mut Conn, events: &[Event]) -> Result<(), tokio_post
             u.4.push(r.metadata.as_ref().map(pg_json));
             u.5.push(r.version as i64);
             u.6.push(r.created_seq as i64);
+            w.0.push(r.cpu_ms.map(|v| v as i64));
+            w.1.push(r.memory_peak_kb.map(|v| v as i64));
+            w.2.push(
+                r.limits
+                    .map(|l| serde_json::to_value(l).unwrap_or(Value::Null)),
+            );
         }
         tx.execute(
             &conn.upsert,
             &[
                 &c.0, &c.1, &c.2, &c.3, &c.4, &c.5, &c.6, &t.0, &t.1, &t.2, &t.3, &t.4, &t.5, &t.6,
-                &u.0, &u.1, &u.2, &u.3, &u.4, &u.5, &u.6,
+                &u.0, &u.1, &u.2, &u.3, &u.4, &u.5, &u.6, &w.0, &w.1, &w.2,
             ],
         )
         .await?;
@@ -515,6 +538,7 @@ mod tests {
                         stdin: None,
                         timeout: 1.0,
                         metadata: None,
+                        limits: crate::config::Config::default().max_limits("python"),
                     },
                 );
                 r.version = version;

@@ -48,6 +48,7 @@ fn new_eval(code: &str) -> NewEvaluation {
         stdin: None,
         timeout: 5.0,
         metadata: None,
+        limits: crate::config::Config::default().max_limits("python"),
     }
 }
 
@@ -69,6 +70,8 @@ fn done(status: Status) -> Finish {
         failure_reason: None,
         error: None,
         runtime_ms: Some(3),
+        cpu_ms: None,
+        memory_peak_kb: None,
     }
 }
 

@@ -670,13 +670,42 @@ async fn docker_security_profile_and_cancel() {
         "no unconfined profile; {ctx}"
     );
     assert_eq!(hc["PidsLimit"], 48, "PidsLimit = max_processes; {ctx}");
-    assert_eq!(hc["Memory"], 200 * MIB, "Memory = memory_mb; {ctx}");
+    // The tree's memory limit is the kernel's: memory and memory + swap of the cgroup
+    // parent the appliance owns for the run (the container's own limit sits just above
+    // it, so the OOM is recorded where the appliance reads it).
+    let parent = hc["CgroupParent"].as_str().unwrap_or("").to_string();
+    assert!(parent.starts_with("/crucible-"), "CgroupParent; {ctx}");
+    let limit = |file: &str| -> u64 {
+        let p = format!("/sys/fs/cgroup/memory{parent}/{file}");
+        std::fs::read_to_string(&p)
+            .unwrap_or_else(|e| panic!("{p}: {e}"))
+            .trim()
+            .parse()
+            .expect("a number")
+    };
+    assert_eq!(
+        limit("memory.limit_in_bytes"),
+        200 * MIB,
+        "memory = memory_mb; {ctx}"
+    );
+    assert_eq!(
+        limit("memory.memsw.limit_in_bytes"),
+        200 * MIB,
+        "memory + swap = memory_mb; {ctx}"
+    );
+    assert!(hc["Memory"].as_u64() >= Some(200 * MIB), "Memory; {ctx}");
     assert_eq!(hc["MemorySwap"], hc["Memory"], "MemorySwap = Memory; {ctx}");
     assert_eq!(hc["NanoCpus"], 500_000_000u64, "NanoCpus = cpus; {ctx}");
     assert_eq!(hc["OomScoreAdj"], 1000, "OomScoreAdj; {ctx}");
     let tmp = hc["Tmpfs"]["/tmp"].as_str().unwrap_or("");
     let size = format!("size={}", 8 * MIB);
-    for opt in ["noexec", "nosuid", "nodev", size.as_str()] {
+    for opt in [
+        "noexec",
+        "nosuid",
+        "nodev",
+        size.as_str(),
+        "nr_inodes=16384",
+    ] {
         assert!(
             tmp.split(',').any(|o| o == opt),
             "Tmpfs /tmp lacks {opt}: {tmp:?}; {ctx}"

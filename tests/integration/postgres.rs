@@ -41,7 +41,8 @@ async fn row(c: &tokio_postgres::Client, id: &str) -> Value {
                   to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS started_at,
                   to_char(completed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS completed_at,
                   runtime_ms, exit_code, success, output, stderr, error, output_truncated,
-                  failure_reason, metadata, version, created_seq, synced_at
+                  failure_reason, metadata, version, created_seq, cpu_ms, memory_peak_kb,
+                  limits, synced_at
                 FROM evaluations WHERE eval_id = $1) e",
             &[&id],
         )
@@ -288,7 +289,10 @@ async fn migrations_are_idempotent_and_two_appliances_share_one_database() {
         .await
         .expect("count")
         .get(0);
-    assert_eq!((v1, v2, before, after), (1, 1, 1, 1));
+    let migrations = crucible::sinks::postgres::MIGRATIONS;
+    let newest = migrations.last().map(|m| m.0).unwrap_or(0);
+    let n = migrations.len() as i64;
+    assert_eq!((v1, v2, before, after), (newest, newest, n, n));
     let rows: i64 = c
         .query_one("SELECT count(*) FROM evaluations", &[])
         .await
