@@ -55,7 +55,9 @@ unshare -m sh -c "mount -t overlay overlay -o lowerdir=$ex/usr/bin:/usr/bin /usr
 score=$(systemd-analyze security --offline=true "$ex/lib/systemd/system/crucible.service" 2>&1 \
   | sed -n 's/.*Overall exposure level for crucible.service: \([0-9.]*\).*/\1/p')
 echo "exposure: $score"
-awk -v s="$score" 'BEGIN { exit !(s != "" && s <= 2.0) }' || fail "exposure $score > 2.0"
+# 2.1: 1.9 before Delegate= (the cgroup subtree of the runs, which ProtectControlGroups=
+# would make read-only); every other setting is as strict as the sandbox allows.
+awk -v s="$score" 'BEGIN { exit !(s != "" && s <= 2.1) }' || fail "exposure $score > 2.1"
 
 say "throwaway root: $IMAGE"
 CRUCIBLE_TEST_IMAGE=$IMAGE tests/images.sh
@@ -114,7 +116,10 @@ dpkg --purge crucible
 echo "inside: all checks passed"
 EOF
 chmod +x "$work/inside.sh"
+# The shipped config requires a cgroup per run: give the container the host's cgroup
+# hierarchies (as root inside, the appliance makes its runs' cgroups there).
 docker run --rm --security-opt seccomp=unconfined --security-opt systempaths=unconfined \
+  --cgroupns=host -v /sys/fs/cgroup:/sys/fs/cgroup:rw \
   -v "$work:/work" "$IMAGE" /work/inside.sh || fail "install/upgrade/purge in $IMAGE"
 rm -rf "$work" "$ctl" "$ex"
 say "packaging tests passed"
