@@ -93,7 +93,7 @@ pub async fn run(
         data_dir = %cfg.data_dir.display(),
         queued = store.queue_depth(),
         head_seq = store.head(),
-        sinks = ?outbox.sink_names(),
+        sinks = %outbox.sink_names().join(","),
         "crucible is ready"
     );
 

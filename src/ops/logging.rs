@@ -1,7 +1,11 @@
 //! tracing setup: journald when running under systemd (`JOURNAL_STREAM` set), human
-//! text or JSON on stderr otherwise. Levels map to journald priorities; span and event
-//! fields become journald fields (upper-cased by tracing-journald), so
-//! `journalctl -u crucible EVAL_ID=...` filters one evaluation.
+//! text or JSON on stderr otherwise.
+//!
+//! journald: event fields become journald fields exactly as documented (upper-cased, no
+//! prefix), so `journalctl -u crucible EVAL_ID=...` filters one evaluation; integers are
+//! written as integers and absent values are absent (fields are never Debug-formatted
+//! `Option`s). Priorities: error 3 (failures of the appliance itself), warning 4 (retries,
+//! degraded sinks), info 6 (lifecycle), debug 7.
 
 use crate::config::LogFormat;
 use tracing_subscriber::layer::SubscriberExt;
@@ -22,13 +26,25 @@ pub fn init(format: LogFormat, default_filter: &str) {
     match format {
         LogFormat::Journald => match tracing_journald::layer() {
             Ok(layer) => {
-                let _ = registry
-                    .with(layer.with_syslog_identifier("crucible".into()))
-                    .try_init();
+                let priorities = tracing_journald::PriorityMappings {
+                    info: tracing_journald::Priority::Informational,
+                    debug: tracing_journald::Priority::Debug,
+                    ..tracing_journald::PriorityMappings::new()
+                };
+                let layer = layer
+                    .with_syslog_identifier("crucible".into())
+                    .with_field_prefix(None)
+                    .with_priority_mappings(priorities);
+                let _ = registry.with(layer).try_init();
             }
             Err(e) => {
+                let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
                 let _ = registry
-                    .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+                    .with(
+                        tracing_subscriber::fmt::layer()
+                            .with_ansi(ansi)
+                            .with_writer(std::io::stderr),
+                    )
                     .try_init();
                 tracing::warn!(error = %e, "journald is not reachable; logging to stderr");
             }
@@ -44,8 +60,14 @@ pub fn init(format: LogFormat, default_filter: &str) {
                 .try_init();
         }
         LogFormat::Human | LogFormat::Auto => {
+            // Colour only on a terminal: never ANSI codes in files or pipes.
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
             let _ = registry
-                .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .with_ansi(ansi)
+                        .with_writer(std::io::stderr),
+                )
                 .try_init();
         }
     }

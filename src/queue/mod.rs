@@ -241,8 +241,10 @@ impl Queue {
                         status = status.as_str(),
                         event_type = crate::events::EventType::for_status(status).as_str(),
                         failure_reason = reason_s,
-                        exit_code = ?r.exit_code,
-                        runtime_ms = ?r.runtime_ms,
+                        exit_code = r.exit_code,
+                        runtime_ms = r.runtime_ms,
+                        cpu_ms = r.cpu_ms,
+                        memory_peak_kb = r.memory_peak_kb,
                         "evaluation finished"
                     );
                     break;
