@@ -35,6 +35,17 @@ function fmtMs(ms) {
   return `${(ms / 1000).toFixed(ms < 10000 ? 2 : 1)} s`;
 }
 
+function fmtKb(kb) {
+  if (kb === null || kb === undefined) return "—";
+  if (kb < 1024) return `${kb} KiB`;
+  return `${(kb / 1024).toFixed(kb < 10240 ? 1 : 0)} MiB`;
+}
+
+function fmtLimits(l) {
+  if (!l) return "—";
+  return `${l.memory_mb} MiB, ${fmtMs(l.cpu_ms)} CPU, ${l.max_processes} processes`;
+}
+
 function fmtAge(secs) {
   if (secs === null || secs === undefined) return "—";
   if (secs < 90) return `${Math.round(secs)} s`;
@@ -381,6 +392,9 @@ function renderRecord(root, rec) {
   f("exit_code").textContent = rec.exit_code ?? "—";
   f("failure_reason").textContent = rec.failure_reason || "—";
   f("runtime").textContent = fmtMs(rec.runtime_ms);
+  f("cpu").textContent = fmtMs(rec.cpu_ms);
+  f("memory_peak").textContent = fmtKb(rec.memory_peak_kb);
+  f("limits").textContent = fmtLimits(rec.limits);
   f("created_at").textContent = fmtTime(rec.created_at);
   f("started_at").textContent = fmtTime(rec.started_at);
   f("completed_at").textContent = fmtTime(rec.completed_at);

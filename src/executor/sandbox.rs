@@ -224,6 +224,12 @@ impl SandboxExecutor {
             Containment::Cgroup(_) => u64::MAX,
             Containment::Rlimit(_) => memory.saturating_mul(4),
         };
+        // Likewise the cgroup's pids limit is the process limit of the tree; the rlimit
+        // (per user, so shared by concurrent runs) is only a second line behind it.
+        let nproc = match self.containment {
+            Containment::Cgroup(_) => job.limits.max_processes.saturating_mul(2) + 8,
+            Containment::Rlimit(_) => job.limits.max_processes,
+        };
         Spec {
             parent_pid: std::process::id(),
             uid: self.uid,
@@ -237,7 +243,7 @@ impl SandboxExecutor {
             args: r.args.clone(),
             path: self.path.clone(),
             memory_bytes: address_space,
-            max_processes: job.limits.max_processes,
+            max_processes: nproc,
             max_file_bytes: self.max_file_bytes,
             max_open_files: self.max_open_files,
             cpu_secs: cpu_secs + 1,

@@ -22,6 +22,8 @@ pub struct Server {
     token: Option<String>,
     env: Vec<(String, String)>,
     starts: u32,
+    /// Run the server as this (uid, gid) instead of the test's own user.
+    user: Option<(u32, u32)>,
 }
 
 /// The Docker image of the Docker tests (built by tests/images.sh).
@@ -83,9 +85,68 @@ impl Server {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             starts: 0,
+            user: None,
         };
         s.spawn().await;
         s
+    }
+
+    /// A server run as an unprivileged user (`nobody`): no cgroup hierarchy of its own
+    /// can be had, as for a `cargo run` by an ordinary user.
+    pub async fn start_unprivileged(extra_toml: &str) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("crucible.toml"), config_text(extra_toml))
+            .expect("write config");
+        let mut s = Server {
+            child: None,
+            dir,
+            client: Client::new("http://127.0.0.1:1", None).expect("client"),
+            addr: String::new(),
+            token: None,
+            env: Vec::new(),
+            starts: 0,
+            user: Some((65534, 65534)),
+        };
+        std::fs::create_dir_all(s.data_dir()).expect("data dir");
+        for p in [s.dir.path().to_path_buf(), s.data_dir()] {
+            std::os::unix::fs::chown(&p, Some(65534), Some(65534)).expect("chown");
+        }
+        s.spawn().await;
+        s
+    }
+
+    /// Start the server and expect it to refuse: returns its exit status and log.
+    pub async fn start_refused(extra_toml: &str, unprivileged: bool) -> (i32, String) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("crucible.toml"), config_text(extra_toml))
+            .expect("write config");
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).expect("data dir");
+        if unprivileged {
+            for p in [dir.path(), data.as_path()] {
+                std::os::unix::fs::chown(p, Some(65534), Some(65534)).expect("chown");
+            }
+        }
+        let mut cmd = Command::new(bin());
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(dir.path().join("crucible.toml"))
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null());
+        if unprivileged {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(65534).gid(65534);
+        }
+        let out = tokio::task::spawn_blocking(move || cmd.output())
+            .await
+            .expect("join")
+            .expect("run crucible");
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code().unwrap_or(-1), log)
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -134,6 +195,10 @@ impl Server {
             .stderr(Stdio::from(log));
         for (k, v) in &self.env {
             cmd.env(k, v);
+        }
+        if let Some((uid, gid)) = self.user {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(uid).gid(gid);
         }
         let mut child = cmd.spawn().expect("spawn crucible");
         let started = Instant::now();
@@ -804,6 +869,31 @@ for _ in range(2000):
         sleeper("MARKER")
     except OSError:
         pass
+"#;
+
+/// CHILDREN processes of MIB MiB each, every one touched and held at the same time
+/// (each far below a per-process limit, together far above the run's allowance). The
+/// parent sums what the children report resident and prints `total_rss_kb N`.
+pub const MEMORY_HOG: &str = r#"
+import time
+r, w = os.pipe()
+kids = []
+for _ in range(CHILDREN):
+    pid = os.fork()
+    if pid == 0:
+        b = bytearray(MIB << 20)
+        for i in range(0, len(b), 4096):
+            b[i] = 1
+        rss = int(open("/proc/self/statm").read().split()[1]) * 4
+        os.write(w, b"%d\n" % rss)
+        time.sleep(1)
+        os._exit(0)
+    kids.append(pid)
+os.close(w)
+total = sum(int(x) for x in os.fdopen(r).read().split())
+for k in kids:
+    os.waitpid(k, 0)
+print("total_rss_kb", total)
 "#;
 
 pub fn assert_no_host_process_with(marker: &str) {

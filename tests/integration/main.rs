@@ -6,6 +6,7 @@ mod api;
 mod bad_input;
 mod cli;
 mod common;
+mod containment;
 mod crash;
 mod docker;
 mod hostile;

@@ -257,6 +257,17 @@ async fn ui_submit_watch_cancel_browse_in_chromium() {
             .as_deref(),
         Some("0")
     );
+    // Usage of the run's whole tree and the limits it ran under, as the record has them.
+    for (field, ends) in [
+        ("cpu", " ms"),
+        ("memory_peak", "MiB"),
+        ("limits", "processes"),
+    ] {
+        let shown = text(&c, &format!("#run-result [data-field={field}]"))
+            .await
+            .unwrap_or_default();
+        assert!(shown.ends_with(ends), "{field} shows {shown:?}");
+    }
     let hi_id = text(&c, "#run-result [data-field=permalink]")
         .await
         .expect("eval id");
