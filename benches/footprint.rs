@@ -7,7 +7,15 @@
 //!    (PSS summed over every process: the appliance and its sandboxes, redis-server, the
 //!    postmaster and its backends) while work flows through all of it.
 //!
-//! Run: `cargo bench --bench footprint` (static build: `CRUCIBLE_BIN=target/x86_64-unknown-linux-musl/release/crucible`).
+//! 3. The hostile program of the containment issue: 12 processes of 200 MiB each, every
+//!    one under a per-process limit, 2 at a time, with the shipped profile's limits
+//!    (`memory_mb = 256`, `workers = 2`): the peak of the appliance's tree (PSS) against
+//!    workers x memory_mb + the appliance, the slowest /health answer meanwhile, and the
+//!    verdicts; side by side with the same program on the host under per-process
+//!    limits only (what the sandbox enforced before a cgroup held each run).
+//!
+//! Run: `cargo bench --bench footprint` (static build: `CRUCIBLE_BIN=target/x86_64-unknown-linux-musl/release/crucible`);
+//! `cargo bench --bench footprint -- hostile` runs part 3 only.
 
 #[path = "../tests/integration/common.rs"]
 mod common;
@@ -86,13 +94,112 @@ fn dir_size(p: &Path) -> u64 {
     total
 }
 
+/// The containment issue's program: 12 children of 200 MiB, all touched, held together.
+const HOG12: &str = r#"
+import os, time
+r, w = os.pipe()
+kids = []
+for _ in range(12):
+    pid = os.fork()
+    if pid == 0:
+        b = bytearray(200 << 20)
+        for i in range(0, len(b), 4096):
+            b[i] = 1
+        os.write(w, b"x")
+        time.sleep(2)
+        os._exit(0)
+    kids.append(pid)
+os.close(w)
+os.read(r, 12)
+for k in kids:
+    os.waitpid(k, 0)
+print("held 12 x 200 MiB")
+"#;
+
+async fn hostile(out: &mut String) {
+    // Baseline: the program on the host under per-process limits only (256 MiB of address
+    // space each would not stop it; 1 GiB leaves room for the interpreter).
+    let file = std::env::temp_dir().join(format!("crucible-hog12-{}.py", std::process::id()));
+    std::fs::write(&file, HOG12).expect("write");
+    let mut child = std::process::Command::new("prlimit")
+        .args(["--as=1073741824", "python3", "-I", "-B"])
+        .arg(&file)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("prlimit");
+    let mut base_peak = 0u64;
+    while child.try_wait().expect("wait").is_none() {
+        let total: u64 = tree(&[child.id()]).iter().map(|p| pss_kb(*p)).sum();
+        base_peak = base_peak.max(total);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = std::fs::remove_file(&file);
+
+    let s = Server::start("workers = 2
+[limits]
+memory_mb = 256").await;
+    let mode = s.health().await["executor"]["limits"].clone();
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(s.submit(json!({"code": HOG12, "timeout": 60})).await);
+    }
+    let (mut peak, mut slowest) = (0u64, Duration::ZERO);
+    let started = Instant::now();
+    loop {
+        let total: u64 = tree(&[s.pid()]).iter().map(|p| pss_kb(*p)).sum();
+        peak = peak.max(total);
+        let t = Instant::now();
+        let h = s.health().await;
+        slowest = slowest.max(t.elapsed());
+        if h["queue"]["depth"] == 0 && h["queue"]["running"] == 0 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(600), "stuck: {h}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut verdicts: HashMap<String, usize> = HashMap::new();
+    for id in &ids {
+        let r = s.record(id).await;
+        let v = format!("{}/{}", r["status"], r["failure_reason"]).replace('"', "");
+        *verdicts.entry(v).or_default() += 1;
+    }
+    let app_rss = status_kb(s.pid(), "VmHWM:");
+    let _ = writeln!(
+        out,
+        "### The hostile program: 12 processes x 200 MiB, 2 runs at a time (limits: {mode})\n"
+    );
+    let _ = writeln!(out, "| | peak memory (PSS of the whole tree) |\n|---|---|");
+    let _ = writeln!(
+        out,
+        "| one run on the host, per-process limits only (baseline) | {:.0} MiB |",
+        base_peak as f64 / 1024.0
+    );
+    let _ = writeln!(
+        out,
+        "| the appliance + 2 such runs (`workers = 2`, `memory_mb = 256`) | {:.0} MiB (bound: 2 x 256 + the appliance's {:.0} MiB) |",
+        peak as f64 / 1024.0,
+        app_rss as f64 / 1024.0
+    );
+    let _ = writeln!(
+        out,
+        "\nRatio appliance-with-two-runs / one-unbounded-run: {:.2}. Verdicts of the 6 runs: {verdicts:?}. Slowest /health answer meanwhile: {} ms.\n",
+        peak as f64 / base_peak.max(1) as f64,
+        slowest.as_millis()
+    );
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
     let mut out = String::new();
+    let only_hostile = std::env::args().any(|a| a == "hostile");
     rt.block_on(async {
+        hostile(&mut out).await;
+        if only_hostile {
+            return;
+        }
         // 1. 100,000 stored evaluations.
         let s = Server::start("start_paused = true\nmax_queued = 1000000").await;
         let batch: Vec<Value> = (0..100)
