@@ -79,11 +79,11 @@ enum Command {
         #[command(flatten)]
         server: ServerArgs,
     },
-    /// Ask the running server for a consistent copy of its store in DIR (absolute, or
-    /// relative to the current directory; missing or empty; writable by the server).
-    /// Without DIR: <data_dir>/backups/<time>.
+    /// Ask the running server for a consistent copy of its store in NAME, a directory
+    /// inside its backup_dir (default <data_dir>/backups); without NAME: the current time.
+    /// Prints where the backup went.
     Backup {
-        dir: Option<PathBuf>,
+        name: Option<String>,
         #[command(flatten)]
         server: ServerArgs,
     },
@@ -158,7 +158,7 @@ pub fn main() -> i32 {
             from_seq,
             server,
         } => client_cmd(server, move |c| replay(c, sink, from_seq)),
-        Command::Backup { dir, server } => client_cmd(server, move |c| backup(c, dir)),
+        Command::Backup { name, server } => client_cmd(server, move |c| backup(c, name)),
         Command::Events {
             command:
                 EventsCommand::Tail {
@@ -407,17 +407,21 @@ async fn status(c: Client, id: String) -> Result<i32, String> {
     Ok(0)
 }
 
-async fn backup(c: Client, dir: Option<PathBuf>) -> Result<i32, String> {
+async fn backup(c: Client, name: Option<String>) -> Result<i32, String> {
     let mut body = json!({});
-    if let Some(d) = dir {
-        let abs = std::path::absolute(&d).map_err(|e| format!("{}: {e}", d.display()))?;
-        body["path"] = json!(abs.to_string_lossy());
+    if let Some(n) = name {
+        body["path"] = json!(n);
     }
     let r = c
         .post_json("/api/admin/backup", &body)
         .await
         .map_err(|e| e.to_string())?;
-    print_json(&answer(&r)?);
+    let v = answer(&r)?;
+    eprintln!(
+        "crucible: backup written to {}",
+        v["path"].as_str().unwrap_or("?")
+    );
+    print_json(&v);
     Ok(0)
 }
 

@@ -75,6 +75,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Directory holding the sled store and the sandbox work area. Env `CRUCIBLE_DATA_DIR`.
     pub data_dir: PathBuf,
+    /// The only directory backups are written to (`POST /api/admin/backup`, `crucible
+    /// backup NAME`); default `<data_dir>/backups`.
+    pub backup_dir: Option<PathBuf>,
     /// `sandbox` (default) or `docker`. Env `CRUCIBLE_EXECUTOR`.
     pub executor: ExecutorKind,
     /// Evaluations running at once.
@@ -209,6 +212,11 @@ pub struct HttpConfig {
     pub max_inflight_body_mb: u64,
     /// Seconds between keep-alive comments on `/api/events` streams.
     pub sse_keepalive_secs: u64,
+    /// Seconds a client has to send a request's headers (slowloris); the connection is
+    /// closed after that.
+    pub header_timeout_secs: u64,
+    /// Seconds a client has to send a whole request body (408 after that).
+    pub body_timeout_secs: u64,
 }
 
 /// Limits applied to every evaluation.
@@ -301,6 +309,9 @@ pub struct SandboxConfig {
     /// Refuse to start when no cgroup can be had for the runs (instead of running with
     /// per-process rlimits and a memory watchdog, loudly). The .deb's config sets it.
     pub require_cgroup: bool,
+    /// Install the syscall filter in every run (README, "Sandbox"). Turn off only to debug
+    /// a program the filter stops; every other protection stays.
+    pub seccomp: bool,
 }
 
 /// One language: how the sandbox runs it and which image the Docker backend uses.
@@ -388,6 +399,7 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("./crucible-data"),
+            backup_dir: None,
             executor: ExecutorKind::Sandbox,
             workers: 2,
             max_queued: 10_000,
@@ -419,6 +431,8 @@ impl Default for HttpConfig {
             max_connections: 1024,
             max_inflight_body_mb: 64,
             sse_keepalive_secs: 15,
+            header_timeout_secs: 5,
+            body_timeout_secs: 30,
         }
     }
 }
@@ -492,6 +506,7 @@ impl Default for SandboxConfig {
             work_dir: None,
             cpus: 1.0,
             require_cgroup: false,
+            seccomp: true,
         }
     }
 }
@@ -721,6 +736,13 @@ impl Config {
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
         }
+        if self
+            .backup_dir
+            .as_ref()
+            .is_some_and(|d| d.as_os_str().is_empty())
+        {
+            return Err(invalid("backup_dir", "must not be empty"));
+        }
         if self.http.max_body_bytes < 1024 {
             return Err(invalid("http.max_body_bytes", "must be at least 1024"));
         }
@@ -737,6 +759,18 @@ impl Config {
         }
         if self.http.sse_keepalive_secs == 0 {
             return Err(invalid("http.sse_keepalive_secs", "must be at least 1"));
+        }
+        if !(1..=600).contains(&self.http.header_timeout_secs) {
+            return Err(invalid(
+                "http.header_timeout_secs",
+                "must be between 1 and 600",
+            ));
+        }
+        if !(1..=3600).contains(&self.http.body_timeout_secs) {
+            return Err(invalid(
+                "http.body_timeout_secs",
+                "must be between 1 and 3600",
+            ));
         }
         let l = &self.limits;
         if l.max_code_bytes == 0 || l.max_code_bytes > self.http.max_body_bytes {
@@ -917,6 +951,15 @@ impl Config {
                 .unwrap_or(l.max_processes),
             max_output_bytes: l.max_output_bytes as u64,
         }
+    }
+
+    /// Where backups go.
+    pub fn backup_dir(&self) -> PathBuf {
+        let dir = self
+            .backup_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("backups"));
+        std::path::absolute(&dir).unwrap_or(dir)
     }
 
     /// Where sandbox roots are created.

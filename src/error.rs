@@ -49,8 +49,12 @@ codes! {
     NotFound => NOT_FOUND, "not_found";
     /// The path exists but not for this method (`Allow` says which).
     MethodNotAllowed => METHOD_NOT_ALLOWED, "method_not_allowed";
+    /// The request body did not arrive within `http.body_timeout_secs`.
+    RequestTimeout => REQUEST_TIMEOUT, "request_timeout";
     /// The evaluation already reached a terminal state.
     AlreadyTerminal => CONFLICT, "already_terminal";
+    /// The same Idempotency-Key came with a different request.
+    IdempotencyKeyConflict => CONFLICT, "idempotency_key_conflict";
     /// The body is larger than `http.max_body_bytes`.
     PayloadTooLarge => PAYLOAD_TOO_LARGE, "payload_too_large";
     /// The body is not `application/json`.

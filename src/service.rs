@@ -13,9 +13,10 @@ use crate::model::{
 };
 use crate::outbox::{Outbox, ReplayError, SinkReport};
 use crate::queue::Queue;
-use crate::store::{BackupInfo, DeadLetter, Store, Submitted};
+use crate::store::{BackupInfo, DeadLetter, IdemKey, Store, Submitted};
 use serde::Serialize;
 use serde_json::Value;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -111,6 +112,49 @@ impl ListQuery {
     }
 }
 
+/// A fingerprint of a request: SHA-256 of its canonical JSON (object keys sorted at every
+/// level), without the Redis payload's own `idempotency_key` field.
+pub fn fingerprint(v: &Value) -> String {
+    fn canonical(v: &Value, out: &mut String) {
+        match v {
+            Value::Object(m) => {
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort();
+                out.push('{');
+                for (i, k) in keys.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&Value::String(k.clone()).to_string());
+                    out.push(':');
+                    canonical(&m[k], out);
+                }
+                out.push('}');
+            }
+            Value::Array(a) => {
+                out.push('[');
+                for (i, x) in a.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    canonical(x, out);
+                }
+                out.push(']');
+            }
+            other => out.push_str(&other.to_string()),
+        }
+    }
+    let mut body = v.clone();
+    if let Value::Object(m) = &mut body {
+        m.remove("idempotency_key");
+    }
+    let mut text = String::new();
+    canonical(&body, &mut text);
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(text.as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Check an idempotency key: 1 to 255 visible ASCII characters. `field` names it in the
 /// error (`Idempotency-Key` over HTTP, `idempotency_key` over Redis).
 pub fn check_idempotency_key(key: &str, field: &str) -> Result<String, ApiError> {
@@ -149,9 +193,16 @@ impl Service {
     }
 
     /// Durably accept one evaluation (returns after the flush).
+    /// With an idempotency key, a retry of the same request (compared as parsed JSON:
+    /// whitespace and key order do not matter) returns the first evaluation; a different
+    /// request with the same key is `409 idempotency_key_conflict`.
     pub async fn submit(&self, v: &Value, idem_key: Option<String>) -> Result<Submitted, ApiError> {
         let new = self.validate(v)?;
         self.check_accepting()?;
+        let idem_key = idem_key.map(|key| IdemKey {
+            key,
+            fingerprint: fingerprint(v),
+        });
         let mut res = self
             .store
             .submit(vec![new], idem_key, self.cfg.max_queued as u64)
@@ -262,6 +313,56 @@ impl Service {
     }
 }
 
+/// Where a backup named `name` goes: inside `base` only. Plain relative names (no `..`,
+/// no `.`), or an absolute path inside `base`; nothing on the way may be a symbolic link.
+pub fn backup_destination(base: &Path, name: Option<&str>) -> Result<PathBuf, ApiError> {
+    let bad = |why: &str| {
+        ApiError::invalid_field(
+            "path",
+            format!(
+                "`path` must name a directory inside the backup directory {} ({why})",
+                base.display()
+            ),
+        )
+    };
+    let stamp;
+    let name = match name {
+        Some(n) => n,
+        None => {
+            stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ").to_string();
+            &stamp
+        }
+    };
+    if name.is_empty() || name.len() > 255 || name.contains('\0') {
+        return Err(bad("1 to 255 characters"));
+    }
+    let p = Path::new(name);
+    let rel = if p.is_absolute() {
+        p.strip_prefix(base)
+            .map_err(|_| bad("an absolute path must be inside it"))?
+    } else {
+        p
+    };
+    let mut dest = base.to_path_buf();
+    let mut parts = 0;
+    for c in rel.components() {
+        match c {
+            std::path::Component::Normal(part) => {
+                dest.push(part);
+                parts += 1;
+                if std::fs::symlink_metadata(&dest).is_ok_and(|m| m.file_type().is_symlink()) {
+                    return Err(bad("a symbolic link is in the way"));
+                }
+            }
+            _ => return Err(bad("no `..`, `.` or root in a name")),
+        }
+    }
+    if parts == 0 {
+        return Err(bad("not the backup directory itself"));
+    }
+    Ok(dest)
+}
+
 /// Administration and the event log.
 impl Service {
     /// This node's id.
@@ -295,17 +396,10 @@ impl Service {
         Ok(self.store.dead_letters(sink, limit)?)
     }
 
-    /// A consistent copy of the store in `dest` (default `<data_dir>/backups/<time>`).
-    pub async fn backup(&self, dest: Option<std::path::PathBuf>) -> Result<BackupInfo, ApiError> {
-        let dest = match dest {
-            Some(d) => d,
-            None => {
-                let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
-                let base = std::path::absolute(&self.cfg.data_dir)
-                    .unwrap_or_else(|_| self.cfg.data_dir.clone());
-                base.join("backups").join(stamp)
-            }
-        };
+    /// A consistent copy of the store under `backup_dir`: `name` is a relative path inside
+    /// it (an absolute path inside it is accepted too); default: the current time.
+    pub async fn backup(&self, name: Option<&str>) -> Result<BackupInfo, ApiError> {
+        let dest = backup_destination(&self.cfg.backup_dir(), name)?;
         Ok(self.store.backup(dest).await?)
     }
 
@@ -371,5 +465,43 @@ mod tests {
         assert!(check_idempotency_key("abc-1", "k").is_ok());
         assert!(check_idempotency_key("has space", "k").is_err());
         assert!(check_idempotency_key(&"x".repeat(256), "k").is_err());
+    }
+
+    #[test]
+    fn fingerprints_ignore_layout_not_content() {
+        let a: Value = serde_json::from_str(r#"{"code": "x", "metadata": {"b": 1, "a": [1, 2]}}"#)
+            .expect("json");
+        let b: Value = serde_json::from_str(
+            r#"{"metadata":{"a":[1,2],"b":1},"code":"x","idempotency_key":"k"}"#,
+        )
+        .expect("json");
+        let c: Value = serde_json::from_str(r#"{"code": "y", "metadata": {"b": 1, "a": [1, 2]}}"#)
+            .expect("json");
+        let d: Value = serde_json::from_str(r#"{"code": "x", "metadata": {"b": 1, "a": [2, 1]}}"#)
+            .expect("json");
+        assert_eq!(fingerprint(&a), fingerprint(&b));
+        assert_ne!(fingerprint(&a), fingerprint(&c));
+        assert_ne!(fingerprint(&a), fingerprint(&d));
+    }
+
+    #[test]
+    fn backups_stay_inside_the_backup_dir() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = dir.path().join("backups");
+        let ok = |n: &str| backup_destination(&base, Some(n)).expect(n);
+        assert_eq!(ok("nightly"), base.join("nightly"));
+        assert_eq!(ok("2026/12/01"), base.join("2026/12/01"));
+        let abs = base.join("x").to_string_lossy().into_owned();
+        assert_eq!(ok(&abs), base.join("x"));
+        for bad in ["", "..", "../x", "a/../../x", "/etc/x", "/", ".", "a\0b"] {
+            let e = backup_destination(&base, Some(bad)).expect_err(bad);
+            assert_eq!(e.field.as_deref(), Some("path"), "{bad}");
+        }
+        std::fs::create_dir_all(&base).expect("mkdir");
+        std::os::unix::fs::symlink("/tmp", base.join("link")).expect("symlink");
+        assert!(backup_destination(&base, Some("link/x")).is_err());
+        assert!(backup_destination(&base, None)
+            .expect("default")
+            .starts_with(&base));
     }
 }

@@ -16,9 +16,15 @@
 //! processes, file size, open files and core dumps; no_new_privs; an empty environment
 //! apart from PATH/HOME/LANG. When started as root it first drops to the configured
 //! unprivileged uid/gid, so RLIMIT_NPROC applies and nothing runs as host root.
+//!
+//! The last steps before `execve` of the program run in the sandbox's own process
+//! ([`exec_program`]): join a new, empty session keyring (keyrings are not namespaced),
+//! set the sandbox's `user.max_user_namespaces` to 0, and install the syscall filter
+//! ([`super::seccomp`]).
 
 use hakoniwa::{Container, MountOptions, Namespace, Rlimit, Runctl, Stdio};
 use serde::{Deserialize, Serialize};
+use std::ffi::CString;
 use std::io::{Read, Write};
 use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
@@ -34,7 +40,11 @@ pub struct Spec {
     pub parent_pid: u32,
     pub uid: u32,
     pub gid: u32,
+    /// This run's own directory (its sandbox root is made inside; the appliance removes
+    /// it when the run ends, however it ends).
     pub work_dir: PathBuf,
+    /// Install the syscall filter (off only to debug).
+    pub seccomp: bool,
     pub ro_dirs: Vec<String>,
     pub etc_files: Vec<String>,
     pub code_file: String,
@@ -215,9 +225,17 @@ fn run(spec: &Spec) -> Result<HelperResult, String> {
         .setrlimit(Rlimit::Cpu, spec.cpu_secs, spec.cpu_secs + 1)
         .setrlimit(Rlimit::Core, 0, 0);
 
-    let mut cmd = c.command(&spec.program);
-    cmd.args(&spec.args)
-        .env("PATH", &spec.path)
+    let env = [
+        ("PATH", spec.path.as_str()),
+        ("HOME", "/tmp"),
+        ("LANG", "C.UTF-8"),
+        ("TMPDIR", "/tmp"),
+    ];
+    let exec = Exec::new(spec, &env)?;
+    // SAFETY: the closure runs in the sandbox's child after hakoniwa's fork; this helper
+    // is single-threaded, so allocation there is safe, and it ends in execve.
+    let mut cmd = unsafe { c.command_from_closure(move || exec_program(&exec)) };
+    cmd.env("PATH", &spec.path)
         .env("HOME", "/tmp")
         .env("LANG", "C.UTF-8")
         .env("TMPDIR", "/tmp")
@@ -245,6 +263,91 @@ fn run(spec: &Spec) -> Result<HelperResult, String> {
         None => r.setup_error = Some(explain_setup_failure(&status.reason)),
     }
     Ok(r)
+}
+
+/// The program to exec inside the sandbox, prepared before the fork.
+struct Exec {
+    program: CString,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+    filters: Option<Vec<seccompiler::BpfProgram>>,
+}
+
+impl Exec {
+    fn new(spec: &Spec, env: &[(&str, &str)]) -> Result<Exec, String> {
+        let c = |s: &str| CString::new(s).map_err(|_| format!("NUL byte in {s:?}"));
+        let program = c(&spec.program)?;
+        let mut argv = vec![program.clone()];
+        for a in &spec.args {
+            argv.push(c(a)?);
+        }
+        let envp = env
+            .iter()
+            .map(|(k, v)| c(&format!("{k}={v}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let filters = match spec.seccomp {
+            true => Some(super::seccomp::programs()?),
+            false => None,
+        };
+        Ok(Exec {
+            program,
+            argv,
+            envp,
+            filters,
+        })
+    }
+}
+
+/// Exit code of a run whose last sandbox step failed (the message is on its stderr).
+pub const EXIT_SANDBOX_STEP: i32 = 126;
+
+/// The last steps in the sandbox's own process, then `execve` of the program. Runs after
+/// hakoniwa's setup (namespaces, mounts, rlimits, `no_new_privs`), still with the
+/// capabilities the new user namespace gives; `execve` of a non-root program drops them.
+fn exec_program(x: &Exec) -> i32 {
+    let fail = |what: &str, e: String| -> i32 {
+        eprintln!("crucible sandbox: {what}: {e}");
+        EXIT_SANDBOX_STEP
+    };
+    // A new, empty session keyring: nothing shared with the host or another run.
+    const KEYCTL_JOIN_SESSION_KEYRING: libc::c_long = 1;
+    // SAFETY: keyctl(JOIN_SESSION_KEYRING, NULL) creates and joins an anonymous keyring.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_keyctl,
+            KEYCTL_JOIN_SESSION_KEYRING,
+            std::ptr::null::<libc::c_char>(),
+        )
+    };
+    if rc < 0 {
+        return fail(
+            "cannot join a new session keyring",
+            std::io::Error::last_os_error().to_string(),
+        );
+    }
+    // No user namespaces inside this one, even where the filter is off.
+    if let Err(e) = std::fs::write("/proc/sys/user/max_user_namespaces", "0") {
+        return fail("cannot set user.max_user_namespaces", e.to_string());
+    }
+    if let Some(f) = &x.filters {
+        if let Err(e) = super::seccomp::install(f) {
+            return fail("cannot install the syscall filter", e);
+        }
+    }
+    let mut argv: Vec<*const libc::c_char> = x.argv.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let mut envp: Vec<*const libc::c_char> = x.envp.iter().map(|e| e.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    // SAFETY: NUL-terminated arrays of pointers into CStrings that outlive the call.
+    unsafe {
+        libc::execve(x.program.as_ptr(), argv.as_ptr(), envp.as_ptr());
+    }
+    eprintln!(
+        "crucible sandbox: cannot execute {}: {}",
+        x.program.to_string_lossy(),
+        std::io::Error::last_os_error()
+    );
+    127
 }
 
 /// Bind `host` read-only at `target`, keeping symlinks as symlinks; skip missing paths.

@@ -7,6 +7,7 @@ pub mod cgroup;
 pub mod docker;
 pub mod helper;
 pub mod sandbox;
+pub mod seccomp;
 
 use serde::Serialize;
 use std::collections::BTreeMap;

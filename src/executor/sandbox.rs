@@ -76,6 +76,7 @@ pub struct SandboxExecutor {
     path: String,
     containment: Containment,
     cpus: f64,
+    seccomp: bool,
     max_file_bytes: u64,
     max_open_files: u64,
     tmp_bytes: u64,
@@ -152,6 +153,7 @@ impl SandboxExecutor {
             path: cfg.sandbox.path.clone(),
             containment,
             cpus: cfg.sandbox.cpus,
+            seccomp: cfg.sandbox.seccomp,
             max_file_bytes: l.max_file_mb * 1024 * 1024,
             max_open_files: l.max_open_files,
             tmp_bytes: l.tmp_mb * 1024 * 1024,
@@ -213,7 +215,7 @@ impl SandboxExecutor {
         }
     }
 
-    fn spec(&self, r: &Resolved, job: &Job) -> Spec {
+    fn spec(&self, r: &Resolved, job: &Job, run_dir: &Path) -> Spec {
         let secs = job.timeout.as_secs_f64().ceil() as u64;
         let cpu_secs = (job.limits.cpu_ms.div_ceil(1000)).min(secs.max(1));
         let memory = job.limits.memory_mb * 1024 * 1024;
@@ -234,7 +236,8 @@ impl SandboxExecutor {
             parent_pid: std::process::id(),
             uid: self.uid,
             gid: self.gid,
-            work_dir: self.work_dir.clone(),
+            work_dir: run_dir.to_path_buf(),
+            seccomp: self.seccomp,
             ro_dirs: self.ro_dirs.clone(),
             etc_files: self.etc_files.clone(),
             code_file: r.file.clone(),
@@ -253,7 +256,7 @@ impl SandboxExecutor {
     }
 
     /// The run's cgroup, with the helper (and so everything it starts) inside.
-    fn contain(&self, job: &Job, pid: u32) -> Result<Option<RunCgroup>, String> {
+    fn contain(&self, job: &Job, pid: u32, name: &str) -> Result<Option<RunCgroup>, String> {
         let Containment::Cgroup(c) = &self.containment else {
             return Ok(None);
         };
@@ -263,9 +266,8 @@ impl SandboxExecutor {
             max_processes: job.limits.max_processes + 2,
             cpus: self.cpus,
         };
-        let name = format!("run-{}", uuid::Uuid::new_v4().simple());
         let g = c
-            .create(&name, &limits)
+            .create(name, &limits)
             .map_err(|e| format!("cannot create the run's cgroup: {e}"))?;
         if let Err(e) = g.add(pid) {
             g.remove_now();
@@ -276,7 +278,17 @@ impl SandboxExecutor {
 
     async fn run_resolved(&self, r: &Resolved, job: &Job, cancel: CancellationToken) -> RunOutput {
         let started = Instant::now();
-        let spec = match serde_json::to_vec(&self.spec(r, job)) {
+        let name = format!("run-{}", uuid::Uuid::new_v4().simple());
+        // The run's own directory: its sandbox root is made inside, and it goes when the
+        // run ends, however it ends (the guard removes it).
+        let run_dir = match RunDir::create(&self.work_dir, &name, self.uid, self.gid) {
+            Ok(d) => d,
+            Err(e) => {
+                self.note_error(&e);
+                return RunOutput::executor_error(e, started.elapsed());
+            }
+        };
+        let spec = match serde_json::to_vec(&self.spec(r, job, &run_dir.path)) {
             Ok(s) => s,
             Err(e) => return RunOutput::executor_error(format!("spec: {e}"), started.elapsed()),
         };
@@ -290,7 +302,7 @@ impl SandboxExecutor {
         };
         let pid = child.id().unwrap_or(0);
         // The helper waits for its spec: nothing of the run starts before it is contained.
-        let cgroup = match self.contain(job, pid) {
+        let cgroup = match self.contain(job, pid, &name) {
             Ok(g) => g,
             Err(msg) => {
                 let _ = child.start_kill();
@@ -598,6 +610,46 @@ impl Executor for SandboxExecutor {
             "Runs killed for using up their CPU time (limits.cpu_ms).",
             self.stats.cpu_kills.load(Ordering::Relaxed),
         );
+    }
+}
+
+/// A run's directory under the work dir, removed when dropped (in the background): the
+/// sandbox root hakoniwa builds there, whatever the run left. Nothing in it is followed:
+/// `remove_dir_all` does not follow symbolic links.
+struct RunDir {
+    path: PathBuf,
+}
+
+impl RunDir {
+    fn create(work_dir: &Path, name: &str, uid: u32, gid: u32) -> Result<RunDir, String> {
+        let path = work_dir.join(name);
+        std::fs::create_dir(&path)
+            .map_err(|e| format!("cannot create the run's directory {}: {e}", path.display()))?;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                .map_err(|e| format!("cannot hand {} to uid {uid}: {e}", path.display()))?;
+        }
+        Ok(RunDir { path })
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let path = std::mem::take(&mut self.path);
+        let remove = move || {
+            if let Err(e) = std::fs::remove_dir_all(&path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove a run's directory");
+                }
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn_blocking(remove);
+            }
+            Err(_) => remove(),
+        }
     }
 }
 

@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The OpenAPI document, kept next to the code it describes.
 const OPENAPI: &str = include_str!("../../assets/openapi.json");
@@ -77,7 +78,15 @@ async fn read_json(state: &State, req: Request<Incoming>) -> Result<JsonBody, Ap
         .acquire_many_owned(kib)
         .await
         .map_err(|_| ApiError::internal("the body budget is closed"))?;
-    let bytes = match Limited::new(body, cap).collect().await {
+    let deadline = Duration::from_secs(state.cfg.http.body_timeout_secs);
+    let read = tokio::time::timeout(deadline, Limited::new(body, cap).collect()).await;
+    let Ok(read) = read else {
+        return Err(ApiError::new(
+            Code::RequestTimeout,
+            format!("the body did not arrive within {} s", deadline.as_secs()),
+        ));
+    };
+    let bytes = match read {
         Ok(c) => c.to_bytes(),
         Err(e) => {
             if e.downcast_ref::<http_body_util::LengthLimitError>()
@@ -256,6 +265,16 @@ pub async fn metrics(state: &State) -> Response<Body> {
         &state.stats.latency,
     );
     e.gauge(
+        "crucible_http_connections",
+        "Open HTTP connections.",
+        state.conns.len() as f64,
+    );
+    e.counter(
+        "crucible_http_connections_evicted_total",
+        "Connections with no request in progress closed to make room at http.max_connections.",
+        state.conns.evicted.load(Ordering::Relaxed),
+    );
+    e.gauge(
         "crucible_sse_clients",
         "Open /api/events streams.",
         state.stats.sse_clients.load(Ordering::Relaxed) as f64,
@@ -314,23 +333,23 @@ pub fn dead_letters(state: &State, query: Option<&str>) -> Result<Response<Body>
 }
 
 /// `POST /api/admin/backup {"path"?}`: a consistent copy of the store, written by the
-/// server (so `path` must be writable by it; default `<data_dir>/backups/<time>`).
+/// server under `backup_dir` only (`path` names a directory inside it; default: the time).
 pub async fn backup(
     state: &Arc<State>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let body = read_json(state, req).await?;
-    let dest = match body.value.get("path") {
+    let name = match body.value.get("path") {
         None | Some(Value::Null) => None,
-        Some(Value::String(p)) if p.starts_with('/') => Some(std::path::PathBuf::from(p)),
+        Some(Value::String(p)) => Some(p.as_str()),
         Some(_) => {
             return Err(ApiError::invalid_field(
                 "path",
-                "`path` must be an absolute directory path (missing or empty)",
+                "`path` must be a string: a name inside the backup directory",
             ))
         }
     };
-    let info = state.service.backup(dest).await?;
+    let info = state.service.backup(name).await?;
     Ok(json_response(StatusCode::OK, &to_value(&info)))
 }
 

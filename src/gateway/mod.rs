@@ -7,6 +7,7 @@
 //! streams end).
 
 mod api;
+pub(crate) mod conns;
 mod error;
 mod sse;
 mod ui;
@@ -67,19 +68,19 @@ pub struct State {
     pub stats: HttpStats,
     /// Request-body memory budget, in KiB permits (`http.max_inflight_body_mb`).
     pub body_budget: Arc<Semaphore>,
+    /// Open connections (for the cap under abuse).
+    pub conns: Arc<conns::Conns>,
 }
 
 /// Serve HTTP on `listener` until `shutdown` fires; then let in-flight requests finish
 /// (up to `drain`) and return.
 pub async fn serve(state: Arc<State>, listener: TcpListener, drain: Duration) {
-    let limit = Arc::new(Semaphore::new(state.cfg.http.max_connections));
+    let max = state.cfg.http.max_connections;
+    let header_timeout = Duration::from_secs(state.cfg.http.header_timeout_secs);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let shutdown = state.shutdown.clone();
-    loop {
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = shutdown.cancelled() => break,
-        };
+    let conns = state.conns.clone();
+    'accept: loop {
         let (stream, _peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -91,20 +92,44 @@ pub async fn serve(state: Arc<State>, listener: TcpListener, drain: Duration) {
             },
             _ = shutdown.cancelled() => break,
         };
+        // At the cap, make room: close the oldest connection that has no request in
+        // progress (a half-sent request, an idle keep-alive). If every connection is busy
+        // with a request, wait for one to finish.
+        while conns.len() >= max && !conns.evict_oldest_idle() {
+            let changed = conns.changed.notified();
+            if conns.len() < max {
+                break;
+            }
+            tokio::select! {
+                _ = changed => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = shutdown.cancelled() => break 'accept,
+            }
+        }
         let _ = stream.set_nodelay(true);
+        let conn = conns.add();
         let st = state.clone();
+        let this = conn.clone();
         let svc = hyper::service::service_fn(move |req| {
             let st = st.clone();
-            async move { Ok::<_, Infallible>(handle(st, req).await) }
+            let guard = conns::InProgress::start(this.clone(), st.conns.clone());
+            async move {
+                let resp = handle(st, req).await;
+                Ok::<_, Infallible>(resp.map(|b| conns::track(b, guard)))
+            }
         });
-        let conn = hyper::server::conn::http1::Builder::new()
+        let served = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30))
+            .header_read_timeout(header_timeout)
             .serve_connection(TokioIo::new(stream), svc);
-        let conn = graceful.watch(conn);
+        let served = graceful.watch(served);
+        let registry = conns.clone();
         tokio::spawn(async move {
-            let _ = conn.await;
-            drop(permit);
+            tokio::select! {
+                _ = served => {}
+                _ = conn.kill.cancelled() => {}
+            }
+            registry.remove(&conn);
         });
     }
     drop(listener);
@@ -118,7 +143,25 @@ pub async fn serve(state: Arc<State>, listener: TcpListener, drain: Duration) {
 
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     let t = Instant::now();
-    let (route, resp) = route(&state, req).await;
+    let (route, resp) = if req
+        .headers()
+        .get_all(http::header::AUTHORIZATION)
+        .iter()
+        .count()
+        > 1
+    {
+        // Which one would count? Refuse instead of guessing (a proxy and a client may both
+        // have added one).
+        (
+            "other",
+            Err(ApiError::new(
+                crate::error::Code::BadRequest,
+                "more than one Authorization header",
+            )),
+        )
+    } else {
+        route(&state, req).await
+    };
     let mut resp = match resp {
         Ok(r) => r,
         Err(e) => e.into_response(),
@@ -257,7 +300,8 @@ fn authorized<B>(state: &State, req: &Request<B>) -> bool {
     let Some(token) = state.cfg.api_token.as_deref() else {
         return true;
     };
-    let Some(h) = req.headers().get(http::header::AUTHORIZATION) else {
+    let mut given = req.headers().get_all(http::header::AUTHORIZATION).iter();
+    let (Some(h), None) = (given.next(), given.next()) else {
         return false;
     };
     let Ok(h) = h.to_str() else { return false };

@@ -53,6 +53,8 @@ pub enum StoreError {
     ReplayOutOfWindow { from: u64, oldest: u64, head: u64 },
     #[error("the store is shut down")]
     Closed,
+    #[error("this Idempotency-Key was used for a different request (evaluation {0})")]
+    IdempotencyConflict(String),
     /// The backup destination cannot be used (the request's fault, not the disk's).
     #[error("{0}")]
     BackupRejected(String),
@@ -74,6 +76,9 @@ impl From<StoreError> for ApiError {
                 ApiError::new(Code::ReplayOutOfWindow, e.to_string()).with_field("from_seq")
             }
             StoreError::Closed => ApiError::shutting_down(),
+            StoreError::IdempotencyConflict(_) => {
+                ApiError::new(Code::IdempotencyKeyConflict, e.to_string())
+            }
             StoreError::BackupRejected(m) => {
                 ApiError::new(Code::BackupFailed, m).with_field("path")
             }
@@ -86,6 +91,14 @@ impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
         StoreError::Storage(e.to_string())
     }
+}
+
+/// An idempotency key and the fingerprint of the request it came with: the same key with
+/// a different request is a conflict, not a repeat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdemKey {
+    pub key: String,
+    pub fingerprint: String,
 }
 
 /// Result of a submission: the id and the status it has now (`queued` for a new one; the
@@ -139,7 +152,7 @@ pub(crate) type Tx<T> = oneshot::Sender<Result<T, StoreError>>;
 pub(crate) enum Op {
     Submit {
         evals: Vec<NewEvaluation>,
-        idem_key: Option<String>,
+        idem_key: Option<IdemKey>,
         max_queued: u64,
         reply: Tx<Vec<Submitted>>,
     },
@@ -368,7 +381,7 @@ impl Store {
     pub async fn submit(
         &self,
         evals: Vec<NewEvaluation>,
-        idem_key: Option<String>,
+        idem_key: Option<IdemKey>,
         max_queued: u64,
     ) -> Result<Vec<Submitted>, StoreError> {
         self.call(|reply| Op::Submit {

@@ -201,16 +201,23 @@ async fn queue_is_fifo_bounded_and_batches_are_all_or_nothing() {
     assert_eq!(s.queue_depth(), 4);
 }
 
+fn idem(key: &str, fingerprint: &str) -> IdemKey {
+    IdemKey {
+        key: key.into(),
+        fingerprint: fingerprint.into(),
+    }
+}
+
 #[tokio::test]
 async fn idempotency_key_returns_the_same_evaluation() {
     let dir = tempfile::tempdir().expect("tempdir");
     let s = open(dir.path());
     let a = s
-        .submit(vec![new_eval("x")], Some("k1".into()), 10)
+        .submit(vec![new_eval("x")], Some(idem("k1", "f1")), 10)
         .await
         .expect("submit");
     let b = s
-        .submit(vec![new_eval("x")], Some("k1".into()), 10)
+        .submit(vec![new_eval("x")], Some(idem("k1", "f1")), 10)
         .await
         .expect("submit");
     assert_eq!(a[0].eval_id, b[0].eval_id);
@@ -221,7 +228,7 @@ async fn idempotency_key_returns_the_same_evaluation() {
     for _ in 0..16 {
         let s = s.clone();
         handles.push(tokio::spawn(async move {
-            s.submit(vec![new_eval("y")], Some("k2".into()), 100)
+            s.submit(vec![new_eval("y")], Some(idem("k2", "f2")), 100)
                 .await
                 .expect("submit")[0]
                 .eval_id
@@ -233,6 +240,14 @@ async fn idempotency_key_returns_the_same_evaluation() {
         ids.insert(h.await.expect("join"));
     }
     assert_eq!(ids.len(), 1);
+    // The same key with another request is a conflict, and changes nothing.
+    let head = s.head();
+    let e = s
+        .submit(vec![new_eval("z")], Some(idem("k1", "other")), 10)
+        .await
+        .expect_err("conflict");
+    assert!(matches!(e, StoreError::IdempotencyConflict(ref id) if *id == a[0].eval_id));
+    assert_eq!(s.head(), head);
     assert_eq!(s.head(), 2);
 }
 

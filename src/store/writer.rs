@@ -4,7 +4,7 @@
 //! Seqs are assigned here and only here, so they are strictly increasing without gaps:
 //! a batch that fails to apply leaves no trace and its seqs are reused by the next one.
 
-use super::{keys, DeadLetter, Op, Pruned, Shared, StoreError, Submitted, Tx};
+use super::{keys, DeadLetter, IdemKey, Op, Pruned, Shared, StoreError, Submitted, Tx};
 use crate::events::{Confirmation, Event, EventType};
 use crate::model::{now, Evaluation, Finish, NewEvaluation, Status, TransitionError};
 use crate::ops::metrics::Histogram;
@@ -68,7 +68,8 @@ struct Pending<'a> {
     node: &'a str,
     batch: sled::Batch,
     evals: HashMap<String, Evaluation>,
-    idem: HashMap<String, String>,
+    /// Idempotency keys written in this batch: key -> (eval_id, fingerprint).
+    idem: HashMap<String, (String, String)>,
     cursors: HashMap<String, u64>,
     next_seq: u64,
     depth: u64,
@@ -429,19 +430,27 @@ impl Pending<'_> {
     fn submit(
         &mut self,
         evals: Vec<NewEvaluation>,
-        idem_key: Option<String>,
+        idem_key: Option<IdemKey>,
         max_queued: u64,
     ) -> Result<Vec<Submitted>, StoreError> {
-        if let Some(key) = &idem_key {
-            let existing = match self.idem.get(key) {
-                Some(id) => Some(id.clone()),
-                None => self
-                    .tree
-                    .get(keys::idem(key))?
-                    .map(|v| String::from_utf8_lossy(&v).to_string()),
+        if let Some(k) = &idem_key {
+            // Stored as `<eval_id> <fingerprint>` (keys written before fingerprints were
+            // kept hold the eval_id alone, and match any request).
+            let existing = match self.idem.get(&k.key) {
+                Some((id, fp)) => Some((id.clone(), Some(fp.clone()))),
+                None => self.tree.get(keys::idem(&k.key))?.map(|v| {
+                    let text = String::from_utf8_lossy(&v).to_string();
+                    match text.split_once(' ') {
+                        Some((id, fp)) => (id.to_string(), Some(fp.to_string())),
+                        None => (text, None),
+                    }
+                }),
             };
-            if let Some(id) = existing {
+            if let Some((id, fp)) = existing {
                 if let Some(rec) = self.load(&id)? {
+                    if fp.is_some_and(|fp| fp != k.fingerprint) {
+                        return Err(StoreError::IdempotencyConflict(id));
+                    }
                     return Ok(vec![Submitted {
                         eval_id: id,
                         status: rec.status,
@@ -477,10 +486,11 @@ impl Pending<'_> {
                 existing: false,
             });
         }
-        if let (Some(key), Some(first)) = (idem_key, out.first()) {
-            self.batch
-                .insert(keys::idem(&key), first.eval_id.as_bytes());
-            self.idem.insert(key, first.eval_id.clone());
+        if let (Some(k), Some(first)) = (idem_key, out.first()) {
+            let value = format!("{} {}", first.eval_id, k.fingerprint);
+            self.batch.insert(keys::idem(&k.key), value.as_bytes());
+            self.idem
+                .insert(k.key, (first.eval_id.clone(), k.fingerprint));
         }
         Ok(out)
     }

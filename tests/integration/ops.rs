@@ -73,7 +73,12 @@ async fn json_logs_carry_the_structured_fields() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_backup_is_a_usable_data_dir() {
-    let s = Server::start("").await;
+    let out = tempfile::tempdir().expect("tempdir");
+    let s = Server::start(&format!(
+        "backup_dir = {:?}",
+        out.path().display().to_string()
+    ))
+    .await;
     let mut ids = Vec::new();
     for i in 0..5 {
         ids.push(s.submit(json!({"code": format!("print({i})")})).await);
@@ -81,19 +86,21 @@ async fn a_live_backup_is_a_usable_data_dir() {
     for id in &ids {
         s.wait_terminal(id).await;
     }
-    let out = tempfile::tempdir().expect("tempdir");
     let dest = out.path().join("b1");
     let url = format!("http://{}", s.addr);
-    let d = dest.clone();
     let o = tokio::task::spawn_blocking(move || {
         std::process::Command::new(crate::common::bin())
-            .args(["backup", d.to_str().expect("path"), "--server", &url])
+            .args(["backup", "b1", "--server", &url])
             .output()
             .expect("run backup")
     })
     .await
     .expect("join");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains(&dest.display().to_string()),
+        "the CLI says where the backup went"
+    );
     let info: Value = serde_json::from_slice(&o.stdout).expect("json");
     let head = s.health().await["store"]["head_seq"].as_u64().unwrap_or(0);
     assert_eq!(info["head_seq"].as_u64(), Some(head));
@@ -107,10 +114,28 @@ async fn a_live_backup_is_a_usable_data_dir() {
         .await;
     assert_eq!(again.status, 422);
     assert_eq!(again.error_code().as_deref(), Some("backup_failed"));
-    let rel = s
-        .post("/api/admin/backup", &json!({"path": "relative/dir"}))
-        .await;
-    assert_eq!(rel.status, 422);
+    // Only inside backup_dir: neither `..` nor an absolute path elsewhere, and nothing
+    // is written for a refused request.
+    let outside = tempfile::tempdir().expect("tempdir");
+    for bad in [
+        json!("../escape"),
+        json!("a/../../escape"),
+        json!(outside.path().join("x").display().to_string()),
+        json!("/etc/crucible-backup"),
+        json!(7),
+    ] {
+        let r = s.post("/api/admin/backup", &json!({ "path": bad })).await;
+        assert_eq!(r.status, 422, "{bad}: {}", r.text());
+        let e = r.json().expect("json");
+        assert_eq!(e["error"]["field"], "path", "{bad}");
+    }
+    assert!(!out.path().parent().expect("parent").join("escape").exists());
+    assert_eq!(
+        std::fs::read_dir(outside.path()).expect("read").count(),
+        0,
+        "nothing written outside"
+    );
+    assert!(!std::path::Path::new("/etc/crucible-backup").exists());
 
     // The backup directory is a data dir: a second server started on it has everything.
     let restored = restore_server(&dest).await;
