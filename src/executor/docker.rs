@@ -99,6 +99,8 @@ pub struct DockerExecutor {
     parents: Option<DockerParents>,
     /// Why the appliance owns no parents (for /health).
     parents_reason: Mutex<Option<String>>,
+    /// The sandbox's syscall filter as a Docker profile (JSON).
+    seccomp_profile: String,
     pull: bool,
     create_attempts: u32,
     warm_target: usize,
@@ -212,6 +214,7 @@ impl DockerExecutor {
             max_open_files: l.max_open_files as i64,
             parents,
             parents_reason: Mutex::new(parents_reason),
+            seccomp_profile: super::seccomp::docker_profile(),
             pull: cfg.docker.pull,
             create_attempts: cfg.docker.create_attempts,
             warm_target: cfg.docker.warm_pool,
@@ -451,7 +454,10 @@ impl DockerExecutor {
             readonly_rootfs: Some(true),
             tmpfs: Some(tmpfs),
             cap_drop: Some(vec!["ALL".into()]),
-            security_opt: Some(vec!["no-new-privileges".into()]),
+            security_opt: Some(vec![
+                "no-new-privileges".into(),
+                format!("seccomp={}", self.seccomp_profile),
+            ]),
             pids_limit: Some(limits.max_processes as i64),
             memory: Some(memory as i64),
             memory_swap: Some(memory as i64),

@@ -236,6 +236,42 @@ pub fn install(programs: &[BpfProgram]) -> Result<(), String> {
     Ok(())
 }
 
+/// The same rules as a Docker seccomp profile (`HostConfig.SecurityOpt` `seccomp=<json>`),
+/// for the Docker backend: deny list, every ABI of the host (x86_64, i386, x32), the
+/// same errnos. It replaces the engine's default profile, which leaves io_uring and
+/// ptrace open on older engines.
+pub fn docker_profile() -> String {
+    use serde_json::json;
+    let names: Vec<&str> = DENIED
+        .iter()
+        .flat_map(|(_, calls)| calls.iter().map(|(n, _)| *n))
+        .collect();
+    let mut syscalls = vec![json!({
+        "names": names,
+        "action": "SCMP_ACT_ERRNO",
+        "errnoRet": libc::EPERM,
+    })];
+    for flag in NAMESPACE_FLAGS {
+        syscalls.push(json!({
+            "names": ["clone"],
+            "action": "SCMP_ACT_ERRNO",
+            "errnoRet": libc::EPERM,
+            "args": [{"index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"}],
+        }));
+    }
+    syscalls.push(json!({
+        "names": ["clone3"],
+        "action": "SCMP_ACT_ERRNO",
+        "errnoRet": libc::ENOSYS,
+    }));
+    json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+        "syscalls": syscalls,
+    })
+    .to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,6 +24,9 @@ pub struct Server {
     starts: u32,
     /// Run the server as this (uid, gid) instead of the test's own user.
     user: Option<(u32, u32)>,
+    /// Start the server in a session keyring of its own holding a `user` key
+    /// `crucible-test` with this secret (what a host secret in the keyring looks like).
+    session_key: Option<String>,
 }
 
 /// The Docker image of the Docker tests (built by tests/images.sh).
@@ -86,6 +89,7 @@ impl Server {
                 .collect(),
             starts: 0,
             user: None,
+            session_key: None,
         };
         s.spawn().await;
         s
@@ -106,6 +110,7 @@ impl Server {
             env: Vec::new(),
             starts: 0,
             user: Some((65534, 65534)),
+            session_key: None,
         };
         std::fs::create_dir_all(s.data_dir()).expect("data dir");
         for p in [s.dir.path().to_path_buf(), s.data_dir()] {
@@ -113,6 +118,31 @@ impl Server {
         }
         s.spawn().await;
         s
+    }
+
+    /// A server whose session keyring holds a secret (`user` key `crucible-test`).
+    pub async fn start_with_session_key(extra_toml: &str, secret: &str) -> Server {
+        let mut s = Server::start_deferred(extra_toml);
+        s.session_key = Some(secret.to_string());
+        s.spawn().await;
+        s
+    }
+
+    fn start_deferred(extra_toml: &str) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("crucible.toml"), config_text(extra_toml))
+            .expect("write config");
+        Server {
+            child: None,
+            dir,
+            client: Client::new("http://127.0.0.1:1", None).expect("client"),
+            addr: String::new(),
+            token: None,
+            env: Vec::new(),
+            starts: 0,
+            user: None,
+            session_key: None,
+        }
     }
 
     /// Start the server and expect it to refuse: returns its exit status and log.
@@ -199,6 +229,9 @@ impl Server {
         if let Some((uid, gid)) = self.user {
             use std::os::unix::process::CommandExt;
             cmd.uid(uid).gid(gid);
+        }
+        if let Some(secret) = &self.session_key {
+            join_session_with_key(&mut cmd, secret);
         }
         let mut child = cmd.spawn().expect("spawn crucible");
         let started = Instant::now();
@@ -457,6 +490,34 @@ impl Drop for Server {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// Make `cmd` start in a new session keyring holding a `user` key `crucible-test` with
+/// `secret` (only async-signal-safe syscalls between fork and exec).
+pub fn join_session_with_key(cmd: &mut Command, secret: &str) {
+    use std::os::unix::process::CommandExt;
+    let payload = secret.as_bytes().to_vec();
+    // SAFETY: only raw syscalls on memory prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let name = b"crucible-test-session\0";
+            if libc::syscall(libc::SYS_keyctl, 1, name.as_ptr()) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let r = libc::syscall(
+                libc::SYS_add_key,
+                b"user\0".as_ptr(),
+                b"crucible-test\0".as_ptr(),
+                payload.as_ptr(),
+                payload.len(),
+                -3i64,
+            );
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 

@@ -1267,3 +1267,13 @@ async fn docker_orphan_is_reaped_when_the_engine_returns_after_start() {
     drop(s);
     fwd.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_the_hostile_corpus_holds() {
+    // The same list as the sandbox runs (tests/integration/corpus.rs): the containers get
+    // the sandbox's syscall filter as their seccomp profile.
+    let s = DockerServer::start(&docker_config("")).await;
+    let node = node_id(&s).await;
+    crate::hostile::run_corpus(&s).await;
+    assert_server_still_fine(&s, &node).await;
+}

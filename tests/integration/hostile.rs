@@ -274,3 +274,141 @@ async fn cancel_kills_a_running_evaluation_and_frees_its_slot() {
     assert_eq!(server.record(&id).await["status"], "cancelled");
     assert_server_still_fine(&server).await;
 }
+
+/// Run every case of the shared corpus on `server`; all must hold.
+pub async fn run_corpus(server: &Server) {
+    let mut failures = Vec::new();
+    for case in crate::corpus::cases() {
+        let mut body = json!({"code": case.code, "language": "python", "timeout": 60});
+        if let Some(l) = &case.limits {
+            body["limits"] = l.clone();
+        }
+        let r = server.run(body).await;
+        if let Err(e) = (case.check)(&r) {
+            failures.push(format!("{}: {e}", case.name));
+        }
+    }
+    assert!(failures.is_empty(), "the corpus did not hold:\n{}", failures.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hostile_corpus_holds_in_the_sandbox() {
+    let server = Server::start_with_session_key("", "hunter2-keyring").await;
+    run_corpus(&server).await;
+    assert_server_still_fine(&server).await;
+}
+
+/// The probe's `{family: result}`.
+fn families(r: &Value) -> Value {
+    probe_result(r)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_filter_the_families_are_open_so_the_test_can_fail() {
+    // The protection off: the same probe with `[sandbox] seccomp = false`. Calls an
+    // unprivileged program can make succeed, so the corpus above would report them.
+    let server = Server::start("[sandbox]\nseccomp = false").await;
+    let p = families(
+        &server
+            .run_py(crate::corpus::SYSCALL_FAMILIES, 60.0)
+            .await,
+    );
+    for open in ["keyctl", "add_key", "io_uring_setup", "ptrace", "process_vm_readv", "userfaultfd"] {
+        assert_eq!(p[open], "ok", "{open} without the filter: {p}");
+    }
+    assert_ne!(p["clone3"], "ENOSYS", "{p}");
+    // The second line holds on its own: the sandbox's user.max_user_namespaces is 0.
+    assert_eq!(p["unshare"], "ENOSPC", "nested user namespaces without the filter: {p}");
+    assert_eq!(p["clone_newuser"], "ENOSPC", "{p}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_run_has_its_own_empty_keyring() {
+    // Control: a process started like the appliance (in its session keyring), but not
+    // sandboxed, reads the host's secret.
+    let mut control = std::process::Command::new("python3");
+    control.args(["-c", crate::corpus::KEYRING_SEARCH]);
+    crate::common::join_session_with_key(&mut control, "hunter2-keyring");
+    let out = control.output().expect("control probe");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("hunter2-keyring"), "control: {text}");
+
+    // Without the filter (keyctl allowed), the run's fresh keyring still holds nothing
+    // of the host's, and nothing of another run's.
+    let server =
+        Server::start_with_session_key("workers = 2\n[sandbox]\nseccomp = false", "hunter2-keyring")
+            .await;
+    let p = probe_result(&server.run_py(crate::corpus::KEYRING_SEARCH, 30.0).await);
+    assert_eq!(p["search"], "ENOKEY", "the host's key was reachable: {p}");
+    let writer = server
+        .submit(json!({
+            "code": "import ctypes, time\nlibc = ctypes.CDLL(None, use_errno=True)\n\
+                     r = libc.syscall(ctypes.c_long(248), b'user', b'crucible-test', b'from-run-a', ctypes.c_long(10), ctypes.c_long(-3))\n\
+                     print('added' if r >= 0 else 'failed', flush=True)\ntime.sleep(4)\n",
+            "timeout": 30
+        }))
+        .await;
+    server.wait_status(&writer, "running").await;
+    let p = probe_result(&server.run_py(crate::corpus::KEYRING_SEARCH, 30.0).await);
+    assert_eq!(p["search"], "ENOKEY", "another run's key was reachable: {p}");
+    let w = server.wait_terminal(&writer).await;
+    assert_eq!(w["output"], "added\n", "the first run could add its key: {w:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_filter_denies_the_privileged_families_even_to_root() {
+    // The filter itself, applied in a root child process on the host: calls root may
+    // make (with harmless arguments) fail differently without it, with EPERM with it.
+    let filters = crucible::executor::seccomp::programs().expect("filters");
+    fn probe() -> Vec<i32> {
+        // SAFETY: raw syscalls with invalid or harmless arguments.
+        unsafe {
+            let calls: [libc::c_long; 5] = [
+                libc::syscall(libc::SYS_delete_module, b"crucible_no_such_module\0".as_ptr(), 0),
+                libc::syscall(libc::SYS_kexec_load, 0, 0, 0usize, 0xdead_0000u64),
+                libc::syscall(libc::SYS_reboot, 0, 0, 0, 0),
+                libc::syscall(libc::SYS_swapon, b"/crucible/nonexistent\0".as_ptr(), 0),
+                libc::syscall(libc::SYS_acct, b"/crucible/nonexistent\0".as_ptr()),
+            ];
+            calls
+                .iter()
+                .map(|r| if *r < 0 { *libc::__errno_location() } else { 0 })
+                .collect()
+        }
+    }
+    // Each result is an errno; collect them through a pipe from a forked child.
+    fn in_child(filters: Option<&[seccompiler::BpfProgram]>) -> Vec<i32> {
+        let mut fds = [0; 2];
+        // SAFETY: fork/pipe/write/_exit; the child only makes syscalls.
+        unsafe {
+            assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+            let pid = libc::fork();
+            if pid == 0 {
+                if let Some(f) = filters {
+                    if crucible::executor::seccomp::install(f).is_err() {
+                        libc::_exit(2);
+                    }
+                }
+                let r = probe();
+                libc::write(fds[1], r.as_ptr().cast(), r.len() * 4);
+                libc::_exit(0);
+            }
+            libc::close(fds[1]);
+            let mut buf = [0i32; 5];
+            let n = libc::read(fds[0], buf.as_mut_ptr().cast(), 20);
+            libc::close(fds[0]);
+            let mut st = 0;
+            libc::waitpid(pid, &mut st, 0);
+            assert_eq!(n, 20, "child status {st}");
+            buf.to_vec()
+        }
+    }
+    assert_eq!(unsafe { libc::geteuid() }, 0, "this test runs as root");
+    let open = in_child(None);
+    assert!(
+        open.iter().all(|e| *e != libc::EPERM),
+        "as root without the filter none of these is EPERM: {open:?}"
+    );
+    let filtered = in_child(Some(&filters));
+    assert_eq!(filtered, vec![libc::EPERM; 5], "with the filter: {filtered:?}");
+}

@@ -2,11 +2,13 @@
 //! into one test binary. Each test starts its own server on a loopback port with its own
 //! data directory (see `common`).
 
+mod abuse;
 mod api;
 mod bad_input;
 mod cli;
 mod common;
 mod containment;
+mod corpus;
 mod crash;
 mod docker;
 mod hostile;
