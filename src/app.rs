@@ -8,6 +8,8 @@ use crate::executor::docker::DockerExecutor;
 use crate::executor::sandbox::{default_work_dir, Containment, SandboxExecutor};
 use crate::executor::{Executor, ExecutorReport};
 use crate::gateway::{self, HttpStats, State};
+use crate::judge::cache::CompileCache;
+use crate::judge::Judge;
 use crate::ops::report::{NotConfigured, Report, Reporters};
 use crate::ops::worker::{self, Backoff, Runner, Worker, WorkersReport};
 use crate::outbox::{Outbox, Sink};
@@ -74,7 +76,14 @@ pub async fn run(
 
     let sinks = build_sinks(&cfg)?;
     let outbox = Outbox::new(store.clone(), cfg.outbox.clone(), sinks.sinks);
-    let queue = Queue::new(store.clone(), executor.clone(), cfg.clone());
+    let cache = CompileCache::open(
+        &compile_cache_dir(&cfg, store.node_id()),
+        cfg.judge.compile_cache_mb * 1024 * 1024,
+        is_root(),
+    )
+    .map_err(|e| anyhow!(e))?;
+    let judge = Arc::new(Judge::new(executor.clone(), cache, cfg.clone()));
+    let queue = Queue::new(store.clone(), executor.clone(), judge.clone(), cfg.clone());
     // Relays outlive the queue at shutdown: the last results must still be delivered.
     let relays = Runner::new(CancellationToken::new());
     outbox.start(&relays);
@@ -119,6 +128,7 @@ pub async fn run(
     reporters.add(store.clone());
     reporters.add(queue.clone());
     reporters.add(Arc::new(ExecutorReport(executor.clone())));
+    reporters.add(judge.clone());
     reporters.add(outbox.clone());
     for r in sinks.reporters {
         reporters.add(r);
@@ -164,6 +174,22 @@ pub async fn run(
     Ok(())
 }
 
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Where compiled programs are kept: in the data dir; as root, beside the sandbox work
+/// dir, because the sandbox helper (running as `sandbox.uid`) must be able to reach it
+/// and the data dir stays root's alone.
+fn compile_cache_dir(cfg: &Config, node: &str) -> PathBuf {
+    if is_root() {
+        std::env::temp_dir().join(format!("crucible-cache-{node}"))
+    } else {
+        cfg.data_dir.join("compile-cache")
+    }
+}
+
 /// The configured executor, checked on this host (and the Docker warm pool's runner).
 async fn build_executor(
     cfg: &Config,
@@ -183,7 +209,11 @@ async fn build_executor(
                 .self_test()
                 .await
                 .map_err(|e| anyhow!("the sandbox executor cannot run on this host: {e}"))?;
-            Ok((Arc::new(sandbox), None))
+            let sandbox = Arc::new(sandbox);
+            // Each toolchain's version, for /api/languages, asked in the background.
+            let probe = sandbox.clone();
+            tokio::spawn(async move { probe.probe_versions().await });
+            Ok((sandbox, None))
         }
         ExecutorKind::Docker => {
             let docker = DockerExecutor::new(cfg, store.node_id(), shutdown.clone())

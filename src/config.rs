@@ -120,6 +120,46 @@ pub struct Config {
     pub postgres: PostgresConfig,
     /// The Docker executor (`executor = "docker"`).
     pub docker: DockerConfig,
+    /// Test cases, compilation and the compile cache.
+    pub judge: JudgeConfig,
+}
+
+/// `[judge]`: test cases, compiled languages and the compile cache.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JudgeConfig {
+    /// Most test cases per evaluation.
+    pub max_tests: usize,
+    /// Most the tests' timeouts of one evaluation may add up to, in seconds.
+    pub max_eval_secs: f64,
+    /// Bytes of each test's stdout and stderr kept in the record (the comparison uses the
+    /// whole output up to `max_output_bytes`).
+    pub test_output_bytes: usize,
+    /// Bytes the compile cache may hold on disk (least recently used entries go first).
+    pub compile_cache_mb: u64,
+    /// Size of the build directory a compile step writes (its output, given to runs).
+    pub build_mb: u64,
+    /// Size of the compile step's private /tmp (Go keeps its build cache there).
+    pub compile_tmp_mb: u64,
+    /// Most source files beside `code`.
+    pub max_files: usize,
+    /// Most command-line arguments.
+    pub max_args: usize,
+}
+
+impl Default for JudgeConfig {
+    fn default() -> Self {
+        JudgeConfig {
+            max_tests: 100,
+            max_eval_secs: 600.0,
+            test_output_bytes: 4096,
+            compile_cache_mb: 256,
+            build_mb: 64,
+            compile_tmp_mb: 512,
+            max_files: 32,
+            max_args: 64,
+        }
+    }
 }
 
 /// `[docker]`: one hardened container per evaluation.
@@ -314,19 +354,29 @@ pub struct SandboxConfig {
     pub seccomp: bool,
 }
 
-/// One language: how the sandbox runs it and which image the Docker backend uses.
+/// One language: how the sandbox compiles and runs it and which image the Docker
+/// backend uses. In commands, `{file}` is the main file (`/code/<file>`), `{sources}` every
+/// submitted file with the main file's extension (one argument each), `{memory_mb}` the
+/// run's memory limit; compiled programs are written to, and run from, `/build`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Language {
-    /// Program and arguments; `{file}` is replaced by the path of the code file.
-    pub command: Vec<String>,
-    /// Name of the code file inside the sandbox.
+    /// How a program runs: the program and its arguments (`command` is accepted too).
+    #[serde(alias = "command")]
+    pub run: Vec<String>,
+    /// How a program compiles into `/build` (compiled languages only).
+    #[serde(default)]
+    pub compile: Option<Vec<String>>,
+    /// A command whose first line of output is the toolchain's version (`/api/languages`).
+    #[serde(default)]
+    pub version: Option<Vec<String>>,
+    /// Name of the main file inside the sandbox.
     #[serde(default = "default_file_name")]
     pub file: String,
     /// The Docker backend's allow-listed image for this language.
     #[serde(default)]
     pub image: Option<String>,
-    /// Debian package that provides the interpreter (named when it is missing).
+    /// Debian package that provides the toolchain (named when it is missing).
     #[serde(default)]
     pub package: Option<String>,
     /// This language's memory limit in MiB, instead of `[limits] memory_mb` (the JVM
@@ -336,19 +386,176 @@ pub struct Language {
     /// This language's process limit, instead of `[limits] max_processes`.
     #[serde(default)]
     pub max_processes: Option<u64>,
+    /// Wall-clock time the compile step may take, in seconds (default 30).
+    #[serde(default)]
+    pub compile_timeout_secs: Option<f64>,
+    /// Memory of the compile step, in MiB (default 512; its /tmp counts too).
+    #[serde(default)]
+    pub compile_memory_mb: Option<u64>,
+    /// Extra environment (`NAME=value`) for the compile step and the runs.
+    #[serde(default)]
+    pub env: Vec<String>,
+}
+
+impl Language {
+    /// Whether programs are compiled first.
+    pub fn compiled(&self) -> bool {
+        self.compile.is_some()
+    }
+
+    fn builtin(file: &str, run: &[&str], package: &str, image: &str) -> Language {
+        Language {
+            run: run.iter().map(|s| s.to_string()).collect(),
+            compile: None,
+            version: None,
+            file: file.into(),
+            image: Some(image.into()),
+            package: Some(package.into()),
+            memory_mb: None,
+            max_processes: None,
+            compile_timeout_secs: None,
+            compile_memory_mb: None,
+            env: Vec::new(),
+        }
+    }
+
+    fn compiled_with(mut self, compile: &[&str]) -> Language {
+        self.compile = Some(compile.iter().map(|s| s.to_string()).collect());
+        self
+    }
+
+    fn version_from(mut self, cmd: &[&str]) -> Language {
+        self.version = Some(cmd.iter().map(|s| s.to_string()).collect());
+        self
+    }
 }
 
 /// A `[languages.NAME]` table as written in the file: every key optional.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LanguagePatch {
-    command: Option<Vec<String>>,
+    #[serde(alias = "command")]
+    run: Option<Vec<String>>,
+    compile: Option<Vec<String>>,
+    version: Option<Vec<String>>,
     file: Option<String>,
     image: Option<String>,
     package: Option<String>,
     memory_mb: Option<u64>,
     max_processes: Option<u64>,
+    compile_timeout_secs: Option<f64>,
+    compile_memory_mb: Option<u64>,
+    env: Option<Vec<String>>,
     enabled: Option<bool>,
+}
+
+/// The built-in languages, each enabled when its toolchain is on the host.
+fn builtin_languages() -> BTreeMap<String, Language> {
+    let mut m = BTreeMap::new();
+    let mut add = |name: &str, l: Language| {
+        m.insert(name.to_string(), l);
+    };
+    add(
+        "python",
+        Language::builtin(
+            "main.py",
+            &["python3", "-I", "-B", "{file}"],
+            "python3",
+            "python:3.12-slim",
+        )
+        .version_from(&["python3", "--version"]),
+    );
+    add(
+        "sh",
+        Language::builtin("main.sh", &["sh", "{file}"], "dash", "busybox:stable").version_from(&[
+            "sh",
+            "-c",
+            "readlink -f /bin/sh",
+        ]),
+    );
+    add(
+        "c",
+        Language::builtin("main.c", &["/build/main"], "gcc", "gcc:12")
+            .compiled_with(&[
+                "gcc",
+                "-O2",
+                "-pipe",
+                "-std=gnu17",
+                "-o",
+                "/build/main",
+                "{sources}",
+                "-lm",
+            ])
+            .version_from(&["gcc", "-dumpfullversion"]),
+    );
+    add(
+        "cpp",
+        Language::builtin("main.cpp", &["/build/main"], "g++", "gcc:12")
+            .compiled_with(&[
+                "g++",
+                "-O2",
+                "-pipe",
+                "-std=gnu++17",
+                "-o",
+                "/build/main",
+                "{sources}",
+            ])
+            .version_from(&["g++", "-dumpfullversion"]),
+    );
+    add(
+        "javascript",
+        Language::builtin("main.js", &["node", "{file}"], "nodejs", "node:20-slim")
+            .version_from(&["node", "--version"]),
+    );
+    let mut java = Language::builtin(
+        "Main.java",
+        &[
+            "java",
+            "-XX:MaxRAM={memory_mb}m",
+            "-XX:+UseSerialGC",
+            "-XX:TieredStopAtLevel=1",
+            "-cp",
+            "/build",
+            "Main",
+        ],
+        "default-jdk-headless",
+        "eclipse-temurin:17",
+    )
+    .compiled_with(&[
+        "javac",
+        "-J-XX:MaxRAM={memory_mb}m",
+        "-J-XX:+UseSerialGC",
+        "-J-XX:TieredStopAtLevel=1",
+        "-encoding",
+        "UTF-8",
+        "-d",
+        "/build",
+        "{sources}",
+    ])
+    .version_from(&["java", "-version"]);
+    java.memory_mb = Some(512);
+    java.max_processes = Some(128);
+    java.compile_memory_mb = Some(1024);
+    add("java", java);
+    let mut go = Language::builtin("main.go", &["/build/main"], "golang-go", "golang:1.19")
+        .compiled_with(&["go", "build", "-o", "/build/main", "{file}"])
+        .version_from(&["go", "version"]);
+    go.env = vec![
+        "GOCACHE=/tmp/go-cache".into(),
+        "GOPATH=/tmp/go".into(),
+        "GO111MODULE=off".into(),
+        "CGO_ENABLED=0".into(),
+    ];
+    go.compile_memory_mb = Some(1024);
+    go.compile_timeout_secs = Some(120.0);
+    add("go", go);
+    let mut rust = Language::builtin("main.rs", &["/build/main"], "rustc", "rust:1-slim")
+        .compiled_with(&["rustc", "-O", "-o", "/build/main", "{file}"])
+        .version_from(&["rustc", "--version"]);
+    rust.compile_memory_mb = Some(1024);
+    rust.compile_timeout_secs = Some(60.0);
+    add("rust", rust);
+    m
 }
 
 fn default_file_name() -> String {
@@ -373,29 +580,7 @@ pub struct FileSinkConfig {
 
 impl Default for Config {
     fn default() -> Self {
-        let mut languages = BTreeMap::new();
-        languages.insert(
-            "python".to_string(),
-            Language {
-                command: vec!["python3".into(), "-I".into(), "-B".into(), "{file}".into()],
-                file: "main.py".into(),
-                image: Some("python:3.12-slim".into()),
-                package: Some("python3".into()),
-                memory_mb: None,
-                max_processes: None,
-            },
-        );
-        languages.insert(
-            "sh".to_string(),
-            Language {
-                command: vec!["sh".into(), "{file}".into()],
-                file: "main.sh".into(),
-                image: Some("busybox:stable".into()),
-                package: Some("dash".into()),
-                memory_mb: None,
-                max_processes: None,
-            },
-        );
+        let languages = builtin_languages();
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("./crucible-data"),
@@ -420,6 +605,7 @@ impl Default for Config {
             redis: RedisConfig::default(),
             postgres: PostgresConfig::default(),
             docker: DockerConfig::default(),
+            judge: JudgeConfig::default(),
         }
     }
 }
@@ -568,7 +754,7 @@ impl Config {
         let mut cfg: Config = toml::Value::Table(root)
             .try_into()
             .map_err(|e: toml::de::Error| e.to_string())?;
-        let mut merged = Config::default().languages;
+        let mut merged = builtin_languages();
         if let Some(langs) = langs {
             let table = match langs {
                 toml::Value::Table(t) => t,
@@ -583,31 +769,43 @@ impl Config {
                     continue;
                 }
                 let mut lang = merged.remove(&name).unwrap_or(Language {
-                    command: Vec::new(),
+                    run: Vec::new(),
+                    compile: None,
+                    version: None,
                     file: default_file_name(),
                     image: None,
                     package: None,
                     memory_mb: None,
                     max_processes: None,
+                    compile_timeout_secs: None,
+                    compile_memory_mb: None,
+                    env: Vec::new(),
                 });
-                if let Some(c) = patch.command {
-                    lang.command = c;
-                }
-                if let Some(f) = patch.file {
-                    lang.file = f;
-                }
-                if let Some(i) = patch.image {
-                    lang.image = Some(i);
-                }
-                if let Some(p) = patch.package {
-                    lang.package = Some(p);
-                }
-                if let Some(m) = patch.memory_mb {
-                    lang.memory_mb = Some(m);
-                }
-                if let Some(p) = patch.max_processes {
-                    lang.max_processes = Some(p);
-                }
+                let LanguagePatch {
+                    run,
+                    compile,
+                    version,
+                    file,
+                    image,
+                    package,
+                    memory_mb,
+                    max_processes,
+                    compile_timeout_secs,
+                    compile_memory_mb,
+                    env,
+                    enabled: _,
+                } = patch;
+                lang.run = run.unwrap_or(lang.run);
+                lang.compile = compile.or(lang.compile);
+                lang.version = version.or(lang.version);
+                lang.file = file.unwrap_or(lang.file);
+                lang.image = image.or(lang.image);
+                lang.package = package.or(lang.package);
+                lang.memory_mb = memory_mb.or(lang.memory_mb);
+                lang.max_processes = max_processes.or(lang.max_processes);
+                lang.compile_timeout_secs = compile_timeout_secs.or(lang.compile_timeout_secs);
+                lang.compile_memory_mb = compile_memory_mb.or(lang.compile_memory_mb);
+                lang.env = env.unwrap_or(lang.env);
                 merged.insert(name, lang);
             }
         }
@@ -855,6 +1053,28 @@ impl Config {
                 "poll_interval_ms and prune_interval_secs must be at least 1",
             ));
         }
+        let j = &self.judge;
+        if j.max_tests == 0 || j.max_tests > 10_000 {
+            return Err(invalid("judge.max_tests", "must be between 1 and 10000"));
+        }
+        if !(j.max_eval_secs.is_finite() && j.max_eval_secs >= 1.0) {
+            return Err(invalid("judge.max_eval_secs", "must be at least 1"));
+        }
+        if j.test_output_bytes < 64 {
+            return Err(invalid("judge.test_output_bytes", "must be at least 64"));
+        }
+        if j.build_mb == 0 || j.compile_tmp_mb == 0 {
+            return Err(invalid(
+                "judge.build_mb",
+                "build_mb and compile_tmp_mb must be at least 1",
+            ));
+        }
+        if j.compile_cache_mb < j.build_mb {
+            return Err(invalid(
+                "judge.compile_cache_mb",
+                "must hold at least one build (judge.build_mb)",
+            ));
+        }
         if self.languages.is_empty() {
             return Err(invalid("languages", "at least one language is required"));
         }
@@ -866,8 +1086,37 @@ impl Config {
                     "language names are 1 to 32 characters of [A-Za-z0-9._-]",
                 ));
             }
-            if lang.command.is_empty() || lang.command[0].is_empty() {
-                return Err(invalid(&format!("{key}.command"), "must name a program"));
+            if lang.run.is_empty() || lang.run[0].is_empty() {
+                return Err(invalid(&format!("{key}.run"), "must name a program"));
+            }
+            if lang
+                .compile
+                .as_ref()
+                .is_some_and(|c| c.is_empty() || c[0].is_empty())
+            {
+                return Err(invalid(&format!("{key}.compile"), "must name a program"));
+            }
+            if lang
+                .compile_timeout_secs
+                .is_some_and(|t| !(t.is_finite() && t > 0.0 && t <= 3600.0))
+            {
+                return Err(invalid(
+                    &format!("{key}.compile_timeout_secs"),
+                    "must be above 0 and at most 3600",
+                ));
+            }
+            if lang.compile_memory_mb.is_some_and(|m| m < 16) {
+                return Err(invalid(
+                    &format!("{key}.compile_memory_mb"),
+                    "must be at least 16",
+                ));
+            }
+            if lang
+                .env
+                .iter()
+                .any(|e| !e.contains('=') || e.starts_with('='))
+            {
+                return Err(invalid(&format!("{key}.env"), "entries are NAME=value"));
             }
             if lang.memory_mb.is_some_and(|m| m < 16) {
                 return Err(invalid(&format!("{key}.memory_mb"), "must be at least 16"));
@@ -1080,7 +1329,8 @@ mod tests {
                 "[limits]\ndefault_timeout_secs = 1000.0",
                 "limits.default_timeout_secs",
             ),
-            ("[languages.x]\ncommand = []", "languages.x.command"),
+            ("[languages.x]\nrun = []", "languages.x.run"),
+            ("[languages.x]\ncommand = []", "languages.x.run"),
             (
                 "executor = \"docker\"\n[docker]\nuser = \"0:0\"",
                 "docker.user",
@@ -1094,6 +1344,10 @@ mod tests {
             let err = c.validate().expect_err(text).to_string();
             assert!(err.contains(key), "{text}: {err}");
         }
+        // `command` is still accepted for `run` (config files written before `run`).
+        let c = Config::from_toml("[languages.py2]\ncommand = [\"python3\", \"{file}\"]")
+            .expect("alias");
+        assert_eq!(c.languages["py2"].run, vec!["python3", "{file}"]);
         let err = Config::from_toml("wrokers = 2").expect_err("unknown key");
         assert!(err.contains("wrokers"), "{err}");
         let err = Config::load_with_env(

@@ -36,6 +36,7 @@ pub mod error;
 pub mod events;
 pub mod executor;
 pub mod gateway;
+pub mod judge;
 pub mod model;
 pub mod ops;
 pub mod outbox;

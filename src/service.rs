@@ -9,7 +9,7 @@ use crate::error::{ApiError, Code};
 use crate::events::Event;
 use crate::executor::Executor;
 use crate::model::{
-    validate_submission, Evaluation, FieldError, NewEvaluation, Status, SubmitRules,
+    validate_submission, Evaluation, FieldError, JudgeRules, NewEvaluation, Status, SubmitRules,
 };
 use crate::outbox::{Outbox, ReplayError, SinkReport};
 use crate::queue::Queue;
@@ -181,6 +181,13 @@ impl Service {
             default_timeout: l.default_timeout_secs,
             max_timeout: l.max_timeout_secs,
             max_limits: &|lang: &str| self.cfg.max_limits(lang),
+            main_file: &|lang: &str| self.cfg.languages.get(lang).map(|l| l.file.clone()),
+            judge: JudgeRules {
+                max_tests: self.cfg.judge.max_tests,
+                max_eval_secs: self.cfg.judge.max_eval_secs,
+                max_files: self.cfg.judge.max_files,
+                max_args: self.cfg.judge.max_args,
+            },
         };
         validate_submission(v, &rules)
     }

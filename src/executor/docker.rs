@@ -18,8 +18,8 @@
 use super::cgroup::{DockerParent, DockerParents};
 use super::Usage;
 use super::{
-    read_capped_stream, BoxFuture, Executor, ExecutorHealth, Job, LanguageState, RunOutput,
-    Termination,
+    read_capped_stream, BoxFuture, CompileJob, CompileOutput, Executor, ExecutorHealth, Job,
+    LanguageInfo, LanguageState, RunOutput, Termination,
 };
 use crate::config::Config;
 use crate::model::RunLimits;
@@ -51,7 +51,48 @@ pub const LABEL_EVAL: &str = "crucible.eval_id";
 struct Lang {
     name: String,
     image: String,
-    script: String,
+    /// The main file's name.
+    file: String,
+    run: Vec<String>,
+    compile: Option<Vec<String>>,
+    env: Vec<String>,
+}
+
+/// The bootstrap of every container: read the command (sh-quoted, by length), a tar of
+/// /code and one of /build (the compiled program; length 0 for none), then exec the
+/// command; the rest of stdin is the program's. The same script serves warm containers,
+/// which wait for all of it.
+const RUN_SCRIPT: &str = "IFS= read -r n && head -c \"$n\" > /tmp/.argv && \
+    IFS= read -r n && head -c \"$n\" | tar -xf - -C /code && \
+    IFS= read -r n && { [ \"$n\" -eq 0 ] || head -c \"$n\" | tar -xf - -C /build; } && \
+    eval \"set -- $(cat /tmp/.argv)\" && cd /tmp && exec \"$@\"";
+
+/// The compile bootstrap: the command and /code as for a run; the compiler's output goes
+/// to files, then a frame (see [`super::build`]) goes to stdout: how it ended, its output,
+/// a tar of /build made inside the container (the host never opens a path of the build).
+fn compile_script(cap: u64) -> String {
+    format!(
+        "IFS= read -r n && head -c \"$n\" > /tmp/.argv && \
+         IFS= read -r n && head -c \"$n\" | tar -xf - -C /code && \
+         eval \"set -- $(cat /tmp/.argv)\" && cd /tmp && \
+         {{ \"$@\" < /dev/null > /tmp/.out 2> /tmp/.err; rc=$?; \
+         printf '{magic}\\nstatus exited %d\\n' \"$rc\"; \
+         head -c {cap} /tmp/.out > /tmp/.o; head -c {cap} /tmp/.err > /tmp/.e; \
+         printf 'stdout %d\\n' $(($(wc -c < /tmp/.o))); cat /tmp/.o; \
+         printf 'stderr %d\\n' $(($(wc -c < /tmp/.e))); cat /tmp/.e; \
+         printf 'tar *\\n'; tar -cf - -C /build .; }}",
+        magic = super::build::MAGIC,
+    )
+}
+
+/// What goes into a container and how long it may take.
+struct DockerRun<'a> {
+    /// The command, the tars and the program's stdin (see [`RUN_SCRIPT`]).
+    payload: Vec<u8>,
+    timeout: Duration,
+    limits: &'a RunLimits,
+    /// Bytes of stdout kept (a compile step's frame is bigger than a run's output).
+    cap: usize,
 }
 
 /// Engine state for /health.
@@ -101,6 +142,7 @@ pub struct DockerExecutor {
     parents_reason: Mutex<Option<String>>,
     /// The sandbox's syscall filter as a Docker profile (JSON).
     seccomp_profile: String,
+    judge: crate::config::JudgeConfig,
     pull: bool,
     create_attempts: u32,
     warm_target: usize,
@@ -172,23 +214,15 @@ impl DockerExecutor {
         .map_err(|e| format!("docker.host `{}`: {e}", cfg.docker.host))?;
         let mut languages = HashMap::new();
         for (name, lang) in &cfg.languages {
-            let file = format!("/tmp/{}", lang.file);
-            let cmd: Vec<String> = lang
-                .command
-                .iter()
-                .map(|a| sh_quote(&a.replace("{file}", &file)))
-                .collect();
-            let script = format!(
-                "IFS= read -r n && head -c \"$n\" > {} && exec {}",
-                sh_quote(&file),
-                cmd.join(" ")
-            );
             languages.insert(
                 name.clone(),
                 Lang {
                     name: name.clone(),
                     image: lang.image.clone().unwrap_or_default(),
-                    script,
+                    file: lang.file.clone(),
+                    run: lang.run.clone(),
+                    compile: lang.compile.clone(),
+                    env: lang.env.clone(),
                 },
             );
         }
@@ -215,6 +249,7 @@ impl DockerExecutor {
             parents,
             parents_reason: Mutex::new(parents_reason),
             seccomp_profile: super::seccomp::docker_profile(),
+            judge: cfg.judge.clone(),
             pull: cfg.docker.pull,
             create_attempts: cfg.docker.create_attempts,
             warm_target: cfg.docker.warm_pool,
@@ -433,7 +468,16 @@ impl DockerExecutor {
         eval: &str,
         limits: &RunLimits,
         parent: Option<&DockerParent>,
+        compile: bool,
     ) -> ContainerCreateBody {
+        let tmp_bytes = match compile {
+            true => self.judge.compile_tmp_mb * 1024 * 1024,
+            false => self.tmp_bytes,
+        };
+        let script = match compile {
+            true => compile_script(limits.max_output_bytes),
+            false => RUN_SCRIPT.to_string(),
+        };
         let mut memory = limits.memory_mb * 1024 * 1024;
         if parent.is_some() {
             memory += CONTAINER_MEMORY_HEADROOM;
@@ -444,9 +488,22 @@ impl DockerExecutor {
         let mut tmpfs = HashMap::new();
         tmpfs.insert(
             "/tmp".to_string(),
+            format!("rw,noexec,nosuid,nodev,size={tmp_bytes},nr_inodes={TMP_INODES},mode=1777"),
+        );
+        // The submitted files (not executable), and the compiled program (executable):
+        // written by the container itself from what arrives on stdin, never a host bind.
+        tmpfs.insert(
+            "/code".to_string(),
             format!(
                 "rw,noexec,nosuid,nodev,size={},nr_inodes={TMP_INODES},mode=1777",
                 self.tmp_bytes
+            ),
+        );
+        tmpfs.insert(
+            "/build".to_string(),
+            format!(
+                "rw,exec,nosuid,nodev,size={},nr_inodes={TMP_INODES},mode=1777",
+                self.judge.build_mb * 1024 * 1024
             ),
         );
         let host = HostConfig {
@@ -492,12 +549,17 @@ impl DockerExecutor {
         };
         ContainerCreateBody {
             image: Some(lang.image.clone()),
-            cmd: Some(vec!["/bin/sh".into(), "-c".into(), lang.script.clone()]),
-            env: Some(vec![
-                "PATH=/usr/local/bin:/usr/bin:/bin".into(),
-                "HOME=/tmp".into(),
-                "LANG=C.UTF-8".into(),
-            ]),
+            cmd: Some(vec!["/bin/sh".into(), "-c".into(), script]),
+            env: Some(
+                [
+                    "PATH=/usr/local/bin:/usr/bin:/bin".to_string(),
+                    "HOME=/tmp".to_string(),
+                    "LANG=C.UTF-8".to_string(),
+                ]
+                .into_iter()
+                .chain(lang.env.iter().cloned())
+                .collect(),
+            ),
             user: Some(self.user.clone()),
             working_dir: Some("/tmp".into()),
             attach_stdin: Some(true),
@@ -527,14 +589,20 @@ impl DockerExecutor {
 
     /// Create a container (and its cgroup parent), retrying transient engine errors a few
     /// times.
-    async fn create(&self, lang: &Lang, eval: &str, limits: &RunLimits) -> Result<Slot, String> {
+    async fn create(
+        &self,
+        lang: &Lang,
+        eval: &str,
+        limits: &RunLimits,
+        compile: bool,
+    ) -> Result<Slot, String> {
         let parent = self.new_parent(limits)?;
         let mut delay = Duration::from_millis(100);
         let mut last = String::new();
         for attempt in 1..=self.create_attempts {
             let name = format!("crucible-{}-{}", self.node, uuid::Uuid::new_v4().simple());
             let opts = CreateContainerOptionsBuilder::default().name(&name).build();
-            let body = self.body(lang, eval, limits, parent.as_ref());
+            let body = self.body(lang, eval, limits, parent.as_ref(), compile);
             match self.docker.create_container(Some(opts), body).await {
                 Ok(r) => {
                     self.stats.created.fetch_add(1, Ordering::Relaxed);
@@ -614,7 +682,7 @@ impl DockerExecutor {
                 let Some(limits) = self.max_limits.get(name).copied() else {
                     break;
                 };
-                let ready = match self.create(lang, "warm", &limits).await {
+                let ready = match self.create(lang, "warm", &limits, false).await {
                     Ok(slot) => match self.docker.start_container(&slot.id, None).await {
                         Ok(()) => Ok(slot),
                         Err(e) => {
@@ -676,7 +744,7 @@ impl DockerExecutor {
                 if self.warm_target > 0 {
                     self.stats.warm_misses.fetch_add(1, Ordering::Relaxed);
                 }
-                match self.create(lang, &job.eval_id, &job.limits).await {
+                match self.create(lang, &job.eval_id, &job.limits, false).await {
                     Ok(slot) => slot,
                     Err(e) => return RunOutput::executor_error(e, started.elapsed()),
                 }
@@ -685,9 +753,186 @@ impl DockerExecutor {
         // A warm container keeps its `crucible.eval_id=warm` label (labels are fixed at
         // creation); this record pairs it with the evaluation.
         tracing::debug!(eval_id = %job.eval_id, container = %slot.id, "evaluation runs in container");
-        let out = self.run_in(&slot, job, cancel, started, prestarted).await;
+        let payload = match self.run_payload(lang, job) {
+            Ok(p) => p,
+            Err(e) => {
+                self.remove_later(slot);
+                return RunOutput::executor_error(e, started.elapsed());
+            }
+        };
+        let run = DockerRun {
+            payload,
+            timeout: job.timeout,
+            limits: &job.limits,
+            cap: job.limits.max_output_bytes as usize,
+        };
+        let out = self.run_in(&slot, run, cancel, started, prestarted).await;
         self.remove_later(slot);
         out
+    }
+
+    /// The command (placeholders expanded), sh-quoted, behind its length.
+    fn argv_section(
+        lang: &Lang,
+        template: &[String],
+        files: &[(String, String)],
+        memory_mb: u64,
+        args: &[String],
+    ) -> Vec<u8> {
+        let ext = std::path::Path::new(&lang.file).extension();
+        let mut argv: Vec<String> = Vec::new();
+        for a in template {
+            if a == "{sources}" {
+                argv.extend(
+                    files
+                        .iter()
+                        .filter(|(n, _)| std::path::Path::new(n).extension() == ext)
+                        .map(|(n, _)| format!("/code/{n}")),
+                );
+            } else {
+                argv.push(
+                    a.replace("{file}", &format!("/code/{}", lang.file))
+                        .replace("{memory_mb}", &memory_mb.to_string()),
+                );
+            }
+        }
+        argv.extend(args.iter().cloned());
+        let quoted: Vec<String> = argv.iter().map(|a| sh_quote(a)).collect();
+        let text = quoted.join(" ");
+        let mut out = format!("{}\n", text.len()).into_bytes();
+        out.extend_from_slice(text.as_bytes());
+        out
+    }
+
+    /// A tar of the submitted files (main file first), behind its length.
+    fn files_section(files: &[(String, String)]) -> Result<Vec<u8>, String> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut dirs = std::collections::BTreeSet::new();
+        for (name, content) in files {
+            let mut parent = std::path::Path::new(name).parent();
+            let mut chain = Vec::new();
+            while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
+                chain.push(p.to_path_buf());
+                parent = p.parent();
+            }
+            for d in chain.into_iter().rev() {
+                if dirs.insert(d.clone()) {
+                    let mut h = tar::Header::new_gnu();
+                    h.set_entry_type(tar::EntryType::Directory);
+                    h.set_mode(0o755);
+                    h.set_size(0);
+                    b.append_data(&mut h, &d, std::io::empty())
+                        .map_err(|e| format!("cannot pack the files: {e}"))?;
+                }
+            }
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_mode(0o644);
+            h.set_size(content.len() as u64);
+            b.append_data(&mut h, name, content.as_bytes())
+                .map_err(|e| format!("cannot pack the files: {e}"))?;
+        }
+        let tar = b
+            .into_inner()
+            .map_err(|e| format!("cannot pack the files: {e}"))?;
+        let mut out = format!("{}\n", tar.len()).into_bytes();
+        out.extend(tar);
+        Ok(out)
+    }
+
+    fn job_files(
+        lang: &Lang,
+        code: &str,
+        files: &[crate::model::SourceFile],
+    ) -> Vec<(String, String)> {
+        std::iter::once((lang.file.clone(), code.to_string()))
+            .chain(files.iter().map(|f| (f.name.clone(), f.content.clone())))
+            .collect()
+    }
+
+    /// What a run's container reads on stdin.
+    fn run_payload(&self, lang: &Lang, job: &Job) -> Result<Vec<u8>, String> {
+        let files = Self::job_files(lang, &job.code, &job.files);
+        let mut payload =
+            Self::argv_section(lang, &lang.run, &files, job.limits.memory_mb, &job.args);
+        payload.extend(Self::files_section(&files)?);
+        match &job.artifact {
+            // The compiled program, from the cache the appliance wrote (re-read without
+            // following links all the same).
+            Some(dir) => {
+                let tar = super::build::archive(dir, self.judge.build_mb * 1024 * 1024)
+                    .map_err(|e| format!("cannot read the compiled program: {e}"))?;
+                payload.extend(format!("{}\n", tar.len()).into_bytes());
+                payload.extend(tar);
+            }
+            None => payload.extend(b"0\n"),
+        }
+        if let Some(s) = &job.stdin {
+            payload.extend_from_slice(s.as_bytes());
+        }
+        Ok(payload)
+    }
+
+    async fn compile_lang(
+        &self,
+        lang: &Lang,
+        job: &CompileJob,
+        cancel: CancellationToken,
+    ) -> CompileOutput {
+        let started = Instant::now();
+        let fail = |e: String| CompileOutput {
+            run: RunOutput::executor_error(e, started.elapsed()),
+            build: None,
+        };
+        let Some(template) = &lang.compile else {
+            return fail(format!("`{}` is not a compiled language", lang.name));
+        };
+        let files = Self::job_files(lang, &job.code, &job.files);
+        let mut payload = Self::argv_section(lang, template, &files, job.limits.memory_mb, &[]);
+        match Self::files_section(&files) {
+            Ok(f) => payload.extend(f),
+            Err(e) => return fail(e),
+        }
+        let slot = match self.create(lang, &job.eval_id, &job.limits, true).await {
+            Ok(s) => s,
+            Err(e) => return fail(e),
+        };
+        let run = DockerRun {
+            payload,
+            timeout: job.timeout,
+            limits: &job.limits,
+            cap: (self.judge.build_mb * 1024 * 1024 + 2 * job.limits.max_output_bytes + 4096)
+                as usize,
+        };
+        let mut out = self.run_in(&slot, run, cancel, started, false).await;
+        self.remove_later(slot);
+        match (&out.termination, super::build::parse(&out.stdout)) {
+            (Termination::Exited(0), Some(frame)) => {
+                out.termination = match frame.status {
+                    super::build::Status::Exited(c) if (129..=192).contains(&c) => {
+                        Termination::Signaled(c - 128)
+                    }
+                    super::build::Status::Exited(c) => Termination::Exited(c),
+                    super::build::Status::Signaled(s) => Termination::Signaled(s),
+                    super::build::Status::Failed => {
+                        Termination::ExecutorError("the compiler could not be started".into())
+                    }
+                };
+                out.stdout = frame.stdout;
+                out.stderr = frame.stderr;
+                CompileOutput {
+                    run: out,
+                    build: Some(frame.tar),
+                }
+            }
+            _ => {
+                out.stdout.clear();
+                CompileOutput {
+                    run: out,
+                    build: None,
+                }
+            }
+        }
     }
 
     /// The slot's parent, if the engine really put the container under it (it does not
@@ -712,7 +957,7 @@ impl DockerExecutor {
     async fn run_in(
         &self,
         slot: &Slot,
-        job: &Job,
+        job: DockerRun<'_>,
         cancel: CancellationToken,
         started: Instant,
         prestarted: bool,
@@ -735,16 +980,12 @@ impl DockerExecutor {
             }
         }
         let run_started = Instant::now();
-        let mut payload = format!("{}\n", job.code.len()).into_bytes();
-        payload.extend_from_slice(job.code.as_bytes());
-        if let Some(s) = &job.stdin {
-            payload.extend_from_slice(s.as_bytes());
-        }
+        let payload = job.payload;
         let feeder = tokio::spawn(async move {
             let _ = input.write_all(&payload).await;
             let _ = input.shutdown().await;
         });
-        let cap = job.limits.max_output_bytes as usize;
+        let cap = job.cap;
         let reader = tokio::spawn(read_capped_stream(output, cap));
         let parent = self.effective_parent(slot);
 
@@ -774,11 +1015,12 @@ impl DockerExecutor {
             self.kill(id).await;
         }
         feeder.abort();
-        let ((stdout, stderr), truncated) =
+        let ((stdout, stderr), (stdout_truncated, stderr_truncated)) =
             match tokio::time::timeout(Duration::from_secs(5), reader).await {
                 Ok(Ok(r)) => r,
-                _ => ((Vec::new(), Vec::new()), false),
+                _ => ((Vec::new(), Vec::new()), (false, false)),
             };
+        let truncated = stdout_truncated || stderr_truncated;
         let duration = started.elapsed();
         // What the kernel recorded in the parent the appliance owns: OOM events, peak
         // memory and CPU time of the container's whole tree.
@@ -793,6 +1035,7 @@ impl DockerExecutor {
                 stdout,
                 stderr,
                 truncated,
+                stdout_truncated,
                 duration,
                 memory_exceeded: counted.is_some_and(|u| u.oom_kills > 0),
                 usage,
@@ -826,6 +1069,7 @@ impl DockerExecutor {
             stdout,
             stderr,
             truncated,
+            stdout_truncated,
             duration,
             memory_exceeded: oom,
             usage,
@@ -928,6 +1172,56 @@ impl Executor for DockerExecutor {
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(self.stop())
+    }
+
+    fn compile<'a>(
+        &'a self,
+        job: &'a CompileJob,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'a, CompileOutput> {
+        Box::pin(async move {
+            match self.languages.get(&job.language) {
+                Some(lang) => self.compile_lang(lang, job, cancel).await,
+                None => CompileOutput {
+                    run: RunOutput::executor_error(
+                        format!("unknown language `{}`", job.language),
+                        Duration::ZERO,
+                    ),
+                    build: None,
+                },
+            }
+        })
+    }
+
+    fn languages(&self) -> BoxFuture<'_, Vec<LanguageInfo>> {
+        Box::pin(async move {
+            let problems = self
+                .image_problems
+                .lock()
+                .map(|p| p.clone())
+                .unwrap_or_default();
+            let mut out: Vec<LanguageInfo> = self
+                .languages
+                .values()
+                .map(|l| LanguageInfo {
+                    name: l.name.clone(),
+                    // The image decides; it is named instead of asked.
+                    version: Some(format!("image {}", l.image)),
+                    compiled: l.compile.is_some(),
+                    file: l.file.clone(),
+                    available: !problems.contains_key(&l.name),
+                    reason: problems.get(&l.name).cloned(),
+                    limits: self.max_limits.get(&l.name).copied().unwrap_or(RunLimits {
+                        memory_mb: 0,
+                        cpu_ms: 0,
+                        max_processes: 0,
+                        max_output_bytes: 0,
+                    }),
+                })
+                .collect();
+            out.sort_by(|a, b| a.name.cmp(&b.name));
+            out
+        })
     }
 
     fn metrics(&self, e: &mut crate::ops::metrics::Exposition) {

@@ -31,8 +31,10 @@ use std::path::{Path, PathBuf};
 
 /// Uid/gid the program sees inside the sandbox.
 pub const SANDBOX_ID: u32 = 1000;
-/// Where the code file lives inside the sandbox.
+/// Where the submitted files live inside the sandbox (read-only).
 pub const CODE_DIR: &str = "/code";
+/// Where a compile step writes, and where runs find the compiled program.
+pub const BUILD_DIR: &str = "/build";
 
 /// What the helper must set up and run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -47,11 +49,21 @@ pub struct Spec {
     pub seccomp: bool,
     pub ro_dirs: Vec<String>,
     pub etc_files: Vec<String>,
-    pub code_file: String,
-    pub code: String,
+    /// Files under /code: (relative path, content).
+    pub files: Vec<(String, String)>,
     pub program: String,
     pub args: Vec<String>,
     pub path: String,
+    /// Extra environment of the program (`NAME=value`).
+    pub env: Vec<String>,
+    /// A directory to show read-only (and executable) at /build: the compiled program.
+    pub build_ro: Option<PathBuf>,
+    /// Compile mode: /build is a writable tmpfs of this many bytes; the program runs as a
+    /// child, and what it left there is sent back as a frame on stdout (see
+    /// [`super::build`]).
+    pub compile_build_bytes: Option<u64>,
+    /// Bytes of the compiler's stdout and of its stderr kept (compile mode).
+    pub output_cap: u64,
     pub memory_bytes: u64,
     pub max_processes: u64,
     pub max_file_bytes: u64,
@@ -216,7 +228,36 @@ fn run(spec: &Spec) -> Result<HelperResult, String> {
         Some(format!("size={},nr_inodes=16384,mode=1777", spec.tmp_bytes)),
     );
     c.dir(CODE_DIR, 0o755);
-    c.file(&format!("{CODE_DIR}/{}", spec.code_file), &spec.code);
+    let mut dirs = std::collections::BTreeSet::new();
+    for (name, content) in &spec.files {
+        let mut parent = Path::new(name).parent();
+        let mut chain = Vec::new();
+        while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
+            chain.push(p.to_path_buf());
+            parent = p.parent();
+        }
+        for d in chain.into_iter().rev() {
+            if dirs.insert(d.clone()) {
+                c.dir(&format!("{CODE_DIR}/{}", d.display()), 0o755);
+            }
+        }
+        c.file(&format!("{CODE_DIR}/{name}"), content);
+    }
+    match (&spec.build_ro, spec.compile_build_bytes) {
+        (_, Some(bytes)) => {
+            c.mount(
+                "tmpfs",
+                BUILD_DIR,
+                "tmpfs",
+                MountOptions::NOSUID | MountOptions::NODEV,
+                Some(format!("size={bytes},nr_inodes=16384,mode=1777")),
+            );
+        }
+        (Some(dir), None) => {
+            c.bindmount_ro(&dir.to_string_lossy(), BUILD_DIR);
+        }
+        (None, None) => {}
+    }
 
     c.setrlimit(Rlimit::As, spec.memory_bytes, spec.memory_bytes)
         .setrlimit(Rlimit::Nproc, spec.max_processes, spec.max_processes)
@@ -225,16 +266,30 @@ fn run(spec: &Spec) -> Result<HelperResult, String> {
         .setrlimit(Rlimit::Cpu, spec.cpu_secs, spec.cpu_secs + 1)
         .setrlimit(Rlimit::Core, 0, 0);
 
-    let env = [
-        ("PATH", spec.path.as_str()),
-        ("HOME", "/tmp"),
-        ("LANG", "C.UTF-8"),
-        ("TMPDIR", "/tmp"),
+    let mut env: Vec<(String, String)> = vec![
+        ("PATH".into(), spec.path.clone()),
+        ("HOME".into(), "/tmp".into()),
+        ("LANG".into(), "C.UTF-8".into()),
+        ("TMPDIR".into(), "/tmp".into()),
     ];
+    for e in &spec.env {
+        if let Some((k, v)) = e.split_once('=') {
+            env.retain(|(name, _)| name != k);
+            env.push((k.to_string(), v.to_string()));
+        }
+    }
     let exec = Exec::new(spec, &env)?;
+    let compile = spec.compile_build_bytes;
+    let cap = spec.output_cap;
     // SAFETY: the closure runs in the sandbox's child after hakoniwa's fork; this helper
-    // is single-threaded, so allocation there is safe, and it ends in execve.
-    let mut cmd = unsafe { c.command_from_closure(move || exec_program(&exec)) };
+    // is single-threaded, so allocation there is safe, and it ends in execve (or, in
+    // compile mode, in writing the frame and exiting).
+    let mut cmd = unsafe {
+        c.command_from_closure(move || match compile {
+            Some(bytes) => compile_and_send(&exec, bytes, cap),
+            None => exec_program(&exec),
+        })
+    };
     cmd.env("PATH", &spec.path)
         .env("HOME", "/tmp")
         .env("LANG", "C.UTF-8")
@@ -274,7 +329,7 @@ struct Exec {
 }
 
 impl Exec {
-    fn new(spec: &Spec, env: &[(&str, &str)]) -> Result<Exec, String> {
+    fn new(spec: &Spec, env: &[(String, String)]) -> Result<Exec, String> {
         let c = |s: &str| CString::new(s).map_err(|_| format!("NUL byte in {s:?}"));
         let program = c(&spec.program)?;
         let mut argv = vec![program.clone()];
@@ -305,10 +360,20 @@ pub const EXIT_SANDBOX_STEP: i32 = 126;
 /// hakoniwa's setup (namespaces, mounts, rlimits, `no_new_privs`), still with the
 /// capabilities the new user namespace gives; `execve` of a non-root program drops them.
 fn exec_program(x: &Exec) -> i32 {
-    let fail = |what: &str, e: String| -> i32 {
-        eprintln!("crucible sandbox: {what}: {e}");
-        EXIT_SANDBOX_STEP
-    };
+    if let Err(code) = last_steps(x) {
+        return code;
+    }
+    execve(x)
+}
+
+fn sandbox_step_failed(what: &str, e: String) -> i32 {
+    eprintln!("crucible sandbox: {what}: {e}");
+    EXIT_SANDBOX_STEP
+}
+
+/// A new empty session keyring, no nested user namespaces, the syscall filter.
+fn last_steps(x: &Exec) -> Result<(), i32> {
+    let fail = |what: &str, e: String| -> Result<(), i32> { Err(sandbox_step_failed(what, e)) };
     // A new, empty session keyring: nothing shared with the host or another run.
     const KEYCTL_JOIN_SESSION_KEYRING: libc::c_long = 1;
     // SAFETY: keyctl(JOIN_SESSION_KEYRING, NULL) creates and joins an anonymous keyring.
@@ -334,6 +399,84 @@ fn exec_program(x: &Exec) -> i32 {
             return fail("cannot install the syscall filter", e);
         }
     }
+    Ok(())
+}
+
+/// Compile mode: run the compiler as a child with its output in the sandbox's /tmp, then
+/// send back (on stdout) how it ended, its output and a tar of /build, read here, in the
+/// sandbox's own view, without following any link.
+fn compile_and_send(x: &Exec, build_bytes: u64, cap: u64) -> i32 {
+    use std::os::fd::AsRawFd;
+    if let Err(code) = last_steps(x) {
+        return code;
+    }
+    let paths = ["/tmp/.crucible-compile.out", "/tmp/.crucible-compile.err"];
+    let mut files = Vec::new();
+    for p in paths {
+        match std::fs::File::create(p) {
+            Ok(f) => files.push(f),
+            Err(e) => {
+                return sandbox_step_failed("cannot capture the compiler's output", e.to_string())
+            }
+        }
+    }
+    // SAFETY: fork in this single-threaded process; the child only redirects and execs.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return sandbox_step_failed(
+            "cannot start the compiler",
+            std::io::Error::last_os_error().to_string(),
+        );
+    }
+    if pid == 0 {
+        // SAFETY: dup2 onto the standard descriptors, then execve (or _exit).
+        unsafe {
+            let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
+            if null < 0
+                || libc::dup2(null, 0) < 0
+                || libc::dup2(files[0].as_raw_fd(), 1) < 0
+                || libc::dup2(files[1].as_raw_fd(), 2) < 0
+            {
+                libc::_exit(EXIT_SANDBOX_STEP);
+            }
+        }
+        let code = execve(x);
+        // SAFETY: leave the forked child without running the parent's destructors.
+        unsafe { libc::_exit(code) }
+    }
+    drop(files);
+    let mut st = 0;
+    // SAFETY: waiting for the child we just forked.
+    let status = if unsafe { libc::waitpid(pid, &mut st, 0) } < 0 {
+        super::build::Status::Failed
+    } else if libc::WIFEXITED(st) {
+        super::build::Status::Exited(libc::WEXITSTATUS(st))
+    } else if libc::WIFSIGNALED(st) {
+        super::build::Status::Signaled(libc::WTERMSIG(st))
+    } else {
+        super::build::Status::Failed
+    };
+    let read_capped = |p: &str| -> Vec<u8> {
+        let mut buf = Vec::new();
+        if let Ok(f) = std::fs::File::open(p) {
+            let _ = f.take(cap).read_to_end(&mut buf);
+        }
+        buf
+    };
+    let (out, err) = (read_capped(paths[0]), read_capped(paths[1]));
+    let tar = match super::build::archive(Path::new(BUILD_DIR), build_bytes) {
+        Ok(t) => t,
+        Err(e) => return sandbox_step_failed("cannot read the build output", e.to_string()),
+    };
+    let mut stdout = std::io::stdout().lock();
+    match super::build::write_frame(&mut stdout, status, &out, &err, &tar) {
+        Ok(()) => 0,
+        Err(e) => sandbox_step_failed("cannot send the build output", e.to_string()),
+    }
+}
+
+/// `execve` the program; returns only on failure (127).
+fn execve(x: &Exec) -> i32 {
     let mut argv: Vec<*const libc::c_char> = x.argv.iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
     let mut envp: Vec<*const libc::c_char> = x.envp.iter().map(|e| e.as_ptr()).collect();

@@ -3,6 +3,7 @@
 //! interchangeable. An executor never writes state: the queue worker turns its
 //! [`RunOutput`] into a store transition.
 
+pub mod build;
 pub mod cgroup;
 pub mod docker;
 pub mod helper;
@@ -15,19 +16,66 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::model::RunLimits;
+use crate::model::{RunLimits, SourceFile};
 use crate::ops::report::{Health, Level, Report};
 pub use crate::BoxFuture;
+use std::path::PathBuf;
 
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct Job {
     pub eval_id: String,
     pub language: String,
+    /// The main file's content (placed at `/code/<the language's file>`).
     pub code: String,
+    /// Source files beside it.
+    pub files: Vec<SourceFile>,
+    pub args: Vec<String>,
     pub stdin: Option<String>,
     pub timeout: Duration,
     /// The limits of the run (memory and processes of the whole tree, CPU time, output).
+    pub limits: RunLimits,
+    /// The compiled program (a compile-cache entry: a directory the run sees read-only
+    /// at `/build`), for compiled languages.
+    pub artifact: Option<PathBuf>,
+}
+
+/// What to compile: the sources go to `/code`, the compiler writes `/build`.
+#[derive(Debug, Clone)]
+pub struct CompileJob {
+    pub eval_id: String,
+    pub language: String,
+    pub code: String,
+    pub files: Vec<SourceFile>,
+    pub timeout: Duration,
+    /// Memory, processes and CPU time of the compile step; its output cap.
+    pub limits: RunLimits,
+}
+
+/// A compile step: how it ran, and what it left in `/build` (a tar stream of regular
+/// files and directories, made where the build happened; the host extracts it with
+/// [`build::extract`] and never follows anything in it).
+#[derive(Debug, Clone)]
+pub struct CompileOutput {
+    pub run: RunOutput,
+    pub build: Option<Vec<u8>>,
+}
+
+/// A language as the executor sees it, for `GET /api/languages`.
+#[derive(Debug, Clone, Serialize)]
+pub struct LanguageInfo {
+    pub name: String,
+    /// The toolchain's version, asked of it at start (`null` until known or when it has
+    /// none).
+    pub version: Option<String>,
+    pub compiled: bool,
+    /// The main file's name.
+    pub file: String,
+    pub available: bool,
+    /// Why not, when not available.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The default (and most) limits of a run.
     pub limits: RunLimits,
 }
 
@@ -64,6 +112,8 @@ pub struct RunOutput {
     pub stderr: Vec<u8>,
     /// stdout or stderr exceeded the cap; the rest was read and dropped.
     pub truncated: bool,
+    /// stdout alone exceeded the cap (a test's `output_limit`).
+    pub stdout_truncated: bool,
     pub duration: Duration,
     /// A process of the run was killed for memory, as the kernel recorded it (an OOM kill
     /// counted in the run's cgroup), or, without a cgroup, the memory watchdog killed it.
@@ -80,6 +130,7 @@ impl RunOutput {
             stdout: Vec::new(),
             stderr: Vec::new(),
             truncated: false,
+            stdout_truncated: false,
             duration,
             memory_exceeded: false,
             usage: Usage::default(),
@@ -112,6 +163,14 @@ pub trait Executor: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// Whether `language` can run on this backend right now.
     fn language_state(&self, language: &str) -> LanguageState;
+    /// Every configured language, with its toolchain's version.
+    fn languages(&self) -> BoxFuture<'_, Vec<LanguageInfo>>;
+    /// Compile a program of a compiled language; `cancel` as for [`Executor::run`].
+    fn compile<'a>(
+        &'a self,
+        job: &'a CompileJob,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'a, CompileOutput>;
     /// Run one job; must return once the whole process tree is gone. Firing `cancel`
     /// kills the run and yields [`Termination::Cancelled`].
     fn run<'a>(&'a self, job: &'a Job, cancel: CancellationToken) -> BoxFuture<'a, RunOutput>;
@@ -153,21 +212,21 @@ impl Report for ExecutorReport {
 }
 
 /// Read a multiplexed container output stream to its end, keeping at most `cap` bytes of
-/// stdout and of stderr; returns ((stdout, stderr), truncated).
-pub async fn read_capped_stream<S, E>(mut s: S, cap: usize) -> ((Vec<u8>, Vec<u8>), bool)
+/// stdout and of stderr; returns ((stdout, stderr), (stdout truncated, stderr truncated)).
+pub async fn read_capped_stream<S, E>(mut s: S, cap: usize) -> ((Vec<u8>, Vec<u8>), (bool, bool))
 where
     S: futures_util::Stream<Item = Result<bollard::container::LogOutput, E>> + Unpin,
 {
     use bollard::container::LogOutput;
     use futures_util::StreamExt;
     let (mut out, mut err) = (Vec::new(), Vec::new());
-    let mut truncated = false;
+    let (mut t_out, mut t_err) = (false, false);
     while let Some(item) = s.next().await {
-        let (buf, msg) = match item {
+        let (buf, msg, truncated) = match item {
             Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
-                (&mut out, message)
+                (&mut out, message, &mut t_out)
             }
-            Ok(LogOutput::StdErr { message }) => (&mut err, message),
+            Ok(LogOutput::StdErr { message }) => (&mut err, message, &mut t_err),
             Ok(LogOutput::StdIn { .. }) => continue,
             Err(_) => break,
         };
@@ -176,10 +235,10 @@ where
             buf.extend_from_slice(&msg);
         } else {
             buf.extend_from_slice(&msg[..room]);
-            truncated = true;
+            *truncated = true;
         }
     }
-    ((out, err), truncated)
+    ((out, err), (t_out, t_err))
 }
 
 /// Read a stream to its end, keeping at most `cap` bytes; returns (kept, truncated).

@@ -13,10 +13,10 @@
 //! processes every few tens of milliseconds and kills the run past its allowance.
 
 use super::cgroup::{CgroupLimits, Cgroups, RunCgroup};
-use super::helper::{HelperResult, Spec, CODE_DIR};
+use super::helper::{HelperResult, Spec, BUILD_DIR, CODE_DIR};
 use super::{
-    read_capped, BoxFuture, Executor, ExecutorHealth, Job, LanguageState, RunOutput, Termination,
-    Usage,
+    build, read_capped, BoxFuture, CompileJob, CompileOutput, Executor, ExecutorHealth, Job,
+    LanguageInfo, LanguageState, RunOutput, Termination, Usage,
 };
 use crate::config::Config;
 use crate::model::RunLimits;
@@ -35,11 +35,32 @@ use tokio_util::sync::CancellationToken;
 /// the run's CPU time.
 const WATCH_EVERY: Duration = Duration::from_millis(25);
 
+/// A language as this host runs it.
 #[derive(Debug, Clone)]
-struct Resolved {
-    program: String,
-    args: Vec<String>,
+struct Lang {
+    /// The main file's name.
     file: String,
+    run: Vec<String>,
+    compile: Option<Vec<String>>,
+    version: Option<Vec<String>>,
+    env: Vec<String>,
+    limits: RunLimits,
+    /// The toolchain's version, asked of it in the background after start.
+    known_version: Arc<Mutex<Option<String>>>,
+}
+
+/// One run of the helper: the command (placeholders expanded), what /code and /build
+/// hold, and its limits.
+struct SandboxRun<'a> {
+    argv: Vec<String>,
+    env: Vec<String>,
+    files: Vec<(String, String)>,
+    build_ro: Option<PathBuf>,
+    compile_build_bytes: Option<u64>,
+    stdin: Option<&'a str>,
+    timeout: Duration,
+    limits: RunLimits,
+    tmp_bytes: u64,
 }
 
 /// How runs are contained on this host, decided once at start.
@@ -66,7 +87,7 @@ pub struct SandboxStats {
 /// The sandbox executor.
 pub struct SandboxExecutor {
     exe: PathBuf,
-    languages: HashMap<String, Resolved>,
+    languages: HashMap<String, Lang>,
     unavailable: HashMap<String, String>,
     work_dir: PathBuf,
     uid: u32,
@@ -77,6 +98,7 @@ pub struct SandboxExecutor {
     containment: Containment,
     cpus: f64,
     seccomp: bool,
+    judge: crate::config::JudgeConfig,
     max_file_bytes: u64,
     max_open_files: u64,
     tmp_bytes: u64,
@@ -101,23 +123,32 @@ impl SandboxExecutor {
         let mut languages = HashMap::new();
         let mut unavailable = HashMap::new();
         for (name, lang) in &cfg.languages {
-            match resolve_program(&lang.command[0], &cfg.sandbox.path, &cfg.sandbox.ro_dirs) {
-                Some(program) => {
-                    let file_path = format!("{CODE_DIR}/{}", lang.file);
-                    let args = lang.command[1..]
-                        .iter()
-                        .map(|a| a.replace("{file}", &file_path))
-                        .collect();
+            // Compiled languages need their compiler here; the program they run may be
+            // the compiled one, in /build.
+            let needed = match &lang.compile {
+                Some(c) => vec![c[0].as_str()],
+                None => vec![],
+            }
+            .into_iter()
+            .chain(std::iter::once(lang.run[0].as_str()))
+            .filter(|p| !p.starts_with("/build/"))
+            .find(|p| resolve_program(p, &cfg.sandbox.path, &cfg.sandbox.ro_dirs).is_none());
+            match needed {
+                None => {
                     languages.insert(
                         name.clone(),
-                        Resolved {
-                            program,
-                            args,
+                        Lang {
                             file: lang.file.clone(),
+                            run: lang.run.clone(),
+                            compile: lang.compile.clone(),
+                            version: lang.version.clone(),
+                            env: lang.env.clone(),
+                            limits: cfg.max_limits(name),
+                            known_version: Arc::new(Mutex::new(None)),
                         },
                     );
                 }
-                None => {
+                Some(missing) => {
                     let pkg = lang
                         .package
                         .as_deref()
@@ -126,8 +157,7 @@ impl SandboxExecutor {
                     unavailable.insert(
                         name.clone(),
                         format!(
-                            "language `{name}` needs `{}`, which is not installed on this host{pkg}",
-                            lang.command[0]
+                            "language `{name}` needs `{missing}`, which is not installed on this host{pkg}"
                         ),
                     );
                 }
@@ -154,6 +184,7 @@ impl SandboxExecutor {
             containment,
             cpus: cfg.sandbox.cpus,
             seccomp: cfg.sandbox.seccomp,
+            judge: cfg.judge.clone(),
             max_file_bytes: l.max_file_mb * 1024 * 1024,
             max_open_files: l.max_open_files,
             tmp_bytes: l.tmp_mb * 1024 * 1024,
@@ -186,15 +217,14 @@ impl SandboxExecutor {
         } else {
             Vec::new()
         };
-        let r = Resolved {
-            program,
-            args,
-            file: "probe".into(),
-        };
-        let job = Job {
-            eval_id: "self-test".into(),
-            language: "self-test".into(),
-            code: String::new(),
+        let mut argv = vec![program];
+        argv.extend(args);
+        let run = SandboxRun {
+            argv,
+            env: Vec::new(),
+            files: Vec::new(),
+            build_ro: None,
+            compile_build_bytes: None,
             stdin: None,
             timeout: Duration::from_secs(30),
             limits: RunLimits {
@@ -203,8 +233,11 @@ impl SandboxExecutor {
                 max_processes: 8,
                 max_output_bytes: 4096,
             },
+            tmp_bytes: self.tmp_bytes,
         };
-        let out = self.run_resolved(&r, &job, CancellationToken::new()).await;
+        let out = self
+            .run_sandbox(run, "self-test", CancellationToken::new())
+            .await;
         match out.termination {
             Termination::Exited(0) => Ok(()),
             Termination::ExecutorError(e) => Err(e),
@@ -215,10 +248,10 @@ impl SandboxExecutor {
         }
     }
 
-    fn spec(&self, r: &Resolved, job: &Job, run_dir: &Path) -> Spec {
-        let secs = job.timeout.as_secs_f64().ceil() as u64;
-        let cpu_secs = (job.limits.cpu_ms.div_ceil(1000)).min(secs.max(1));
-        let memory = job.limits.memory_mb * 1024 * 1024;
+    fn spec(&self, run: &SandboxRun<'_>, run_dir: &Path) -> Spec {
+        let secs = run.timeout.as_secs_f64().ceil() as u64;
+        let cpu_secs = (run.limits.cpu_ms.div_ceil(1000)).min(secs.max(1));
+        let memory = run.limits.memory_mb * 1024 * 1024;
         // With a cgroup, the cgroup is the memory limit: runtimes that reserve large
         // virtual ranges (JVM, Go, Node) must run. Without one, the address space is a
         // second line behind the watchdog: it bounds one process before the watchdog sees it.
@@ -229,8 +262,8 @@ impl SandboxExecutor {
         // Likewise the cgroup's pids limit is the process limit of the tree; the rlimit
         // (per user, so shared by concurrent runs) is only a second line behind it.
         let nproc = match self.containment {
-            Containment::Cgroup(_) => job.limits.max_processes.saturating_mul(2) + 8,
-            Containment::Rlimit(_) => job.limits.max_processes,
+            Containment::Cgroup(_) => run.limits.max_processes.saturating_mul(2) + 8,
+            Containment::Rlimit(_) => run.limits.max_processes,
         };
         Spec {
             parent_pid: std::process::id(),
@@ -240,30 +273,84 @@ impl SandboxExecutor {
             seccomp: self.seccomp,
             ro_dirs: self.ro_dirs.clone(),
             etc_files: self.etc_files.clone(),
-            code_file: r.file.clone(),
-            code: job.code.clone(),
-            program: r.program.clone(),
-            args: r.args.clone(),
+            files: run.files.clone(),
+            program: run.argv[0].clone(),
+            args: run.argv[1..].to_vec(),
             path: self.path.clone(),
+            env: run.env.clone(),
+            build_ro: run.build_ro.clone(),
+            compile_build_bytes: run.compile_build_bytes,
+            output_cap: run.limits.max_output_bytes,
             memory_bytes: address_space,
             max_processes: nproc,
             max_file_bytes: self.max_file_bytes,
             max_open_files: self.max_open_files,
             cpu_secs: cpu_secs + 1,
-            tmp_bytes: self.tmp_bytes,
+            tmp_bytes: run.tmp_bytes,
             backstop_secs: secs.max(1) + 2,
         }
     }
 
+    /// The command of a run or compile step: placeholders expanded, the program
+    /// resolved on this host (a program in /build stays as it is).
+    fn command(
+        &self,
+        template: &[String],
+        lang: &Lang,
+        files: &[(String, String)],
+        memory_mb: u64,
+    ) -> Result<Vec<String>, String> {
+        let ext = Path::new(&lang.file).extension();
+        let mut argv = Vec::new();
+        for a in template {
+            if a == "{sources}" {
+                argv.extend(
+                    files
+                        .iter()
+                        .filter(|(n, _)| Path::new(n).extension() == ext)
+                        .map(|(n, _)| format!("{CODE_DIR}/{n}")),
+                );
+                continue;
+            }
+            argv.push(
+                a.replace("{file}", &format!("{CODE_DIR}/{}", lang.file))
+                    .replace("{memory_mb}", &memory_mb.to_string()),
+            );
+        }
+        let Some(first) = argv.first().cloned() else {
+            return Err("the language has an empty command".into());
+        };
+        if !first.starts_with(BUILD_DIR) {
+            argv[0] = resolve_program(&first, &self.path, &self.ro_dirs)
+                .ok_or_else(|| format!("`{first}` is not installed on this host"))?;
+        }
+        Ok(argv)
+    }
+
+    fn job_files(
+        lang: &Lang,
+        code: &str,
+        files: &[crate::model::SourceFile],
+    ) -> Vec<(String, String)> {
+        std::iter::once((lang.file.clone(), code.to_string()))
+            .chain(files.iter().map(|f| (f.name.clone(), f.content.clone())))
+            .collect()
+    }
+
     /// The run's cgroup, with the helper (and so everything it starts) inside.
-    fn contain(&self, job: &Job, pid: u32, name: &str) -> Result<Option<RunCgroup>, String> {
+    fn contain(
+        &self,
+        limits: &RunLimits,
+        pid: u32,
+        name: &str,
+    ) -> Result<Option<RunCgroup>, String> {
         let Containment::Cgroup(c) = &self.containment else {
             return Ok(None);
         };
         let limits = CgroupLimits {
-            memory_bytes: job.limits.memory_mb * 1024 * 1024,
+            memory_bytes: limits.memory_mb * 1024 * 1024,
             // The helper and the sandbox's init process are in the group too.
-            max_processes: job.limits.max_processes + 2,
+            max_processes: limits.max_processes + 2,
             cpus: self.cpus,
         };
         let g = c
@@ -276,7 +363,12 @@ impl SandboxExecutor {
         Ok(Some(g))
     }
 
-    async fn run_resolved(&self, r: &Resolved, job: &Job, cancel: CancellationToken) -> RunOutput {
+    async fn run_sandbox(
+        &self,
+        run: SandboxRun<'_>,
+        eval_id: &str,
+        cancel: CancellationToken,
+    ) -> RunOutput {
         let started = Instant::now();
         let name = format!("run-{}", uuid::Uuid::new_v4().simple());
         // The run's own directory: its sandbox root is made inside, and it goes when the
@@ -288,7 +380,8 @@ impl SandboxExecutor {
                 return RunOutput::executor_error(e, started.elapsed());
             }
         };
-        let spec = match serde_json::to_vec(&self.spec(r, job, &run_dir.path)) {
+        tracing::debug!(eval_id, run = %name, "sandbox run");
+        let spec = match serde_json::to_vec(&self.spec(&run, &run_dir.path)) {
             Ok(s) => s,
             Err(e) => return RunOutput::executor_error(format!("spec: {e}"), started.elapsed()),
         };
@@ -302,7 +395,7 @@ impl SandboxExecutor {
         };
         let pid = child.id().unwrap_or(0);
         // The helper waits for its spec: nothing of the run starts before it is contained.
-        let cgroup = match self.contain(job, pid, &name) {
+        let cgroup = match self.contain(&run.limits, pid, &name) {
             Ok(g) => g,
             Err(msg) => {
                 let _ = child.start_kill();
@@ -324,14 +417,18 @@ impl SandboxExecutor {
                 Err(_) => Vec::new(),
             }
         });
-        let stdin_bytes = job.stdin.clone().unwrap_or_default().into_bytes();
+        let stdin_bytes = run.stdin.unwrap_or_default().as_bytes().to_vec();
         let stdin_task = child.stdin.take().map(|mut w| {
             tokio::spawn(async move {
                 let _ = w.write_all(&stdin_bytes).await;
                 let _ = w.shutdown().await;
             })
         });
-        let cap = job.limits.max_output_bytes as usize;
+        // A compile step's stdout is its frame: the compiler's output and the build.
+        let cap = match run.compile_build_bytes {
+            Some(b) => (b + 2 * run.limits.max_output_bytes + 4096) as usize,
+            None => run.limits.max_output_bytes as usize,
+        };
         let out_task = child
             .stdout
             .take()
@@ -344,9 +441,9 @@ impl SandboxExecutor {
         let mut peak_sum = 0u64;
         let stop = tokio::select! {
             _ = child.wait() => None,
-            _ = tokio::time::sleep(job.timeout) => Some(Stop::TimedOut),
+            _ = tokio::time::sleep(run.timeout) => Some(Stop::TimedOut),
             _ = cancel.cancelled() => Some(Stop::Cancelled),
-            s = watch(cgroup.as_ref(), pid, job.limits, &mut peak_sum) => Some(s),
+            s = watch(cgroup.as_ref(), pid, run.limits, &mut peak_sum) => Some(s),
         };
         if stop.is_some() {
             // Killing the helper kills its child (PDEATHSIG) and with it PID 1 of the
@@ -414,6 +511,7 @@ impl SandboxExecutor {
             stdout,
             stderr,
             truncated,
+            stdout_truncated: t1,
             duration,
             memory_exceeded,
             usage,
@@ -455,6 +553,48 @@ impl SandboxExecutor {
         RunOutput {
             termination,
             ..base
+        }
+    }
+
+    fn why_not(&self, language: &str) -> String {
+        self.unavailable
+            .get(language)
+            .cloned()
+            .unwrap_or_else(|| format!("unknown language `{language}`"))
+    }
+
+    /// Ask each language's toolchain for its version, once (`/api/languages`).
+    pub async fn probe_versions(&self) {
+        for (name, lang) in &self.languages {
+            let Some(cmd) = &lang.version else { continue };
+            let argv = match self.command(cmd, lang, &[], lang.limits.memory_mb) {
+                Ok(a) => a,
+                Err(_) => continue,
+            };
+            let run = SandboxRun {
+                argv,
+                env: lang.env.clone(),
+                files: Vec::new(),
+                build_ro: None,
+                compile_build_bytes: None,
+                stdin: None,
+                timeout: Duration::from_secs(30),
+                limits: lang.limits,
+                tmp_bytes: self.tmp_bytes,
+            };
+            let out = self
+                .run_sandbox(run, "version", CancellationToken::new())
+                .await;
+            // Some print it to stderr (java -version).
+            let text = [out.stdout, out.stderr]
+                .iter()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .flat_map(|t| t.lines().map(|l| l.trim().to_string()).collect::<Vec<_>>())
+                .find(|l| !l.is_empty());
+            tracing::debug!(language = %name, version = ?text, "toolchain version");
+            if let Ok(mut v) = lang.known_version.lock() {
+                *v = text;
+            }
         }
     }
 
@@ -551,16 +691,125 @@ impl Executor for SandboxExecutor {
 
     fn run<'a>(&'a self, job: &'a Job, cancel: CancellationToken) -> BoxFuture<'a, RunOutput> {
         Box::pin(async move {
-            match self.languages.get(&job.language) {
-                Some(r) => self.run_resolved(r, job, cancel).await,
-                None => RunOutput::executor_error(
-                    self.unavailable
-                        .get(&job.language)
-                        .cloned()
-                        .unwrap_or_else(|| format!("unknown language `{}`", job.language)),
-                    Duration::ZERO,
-                ),
+            let Some(lang) = self.languages.get(&job.language) else {
+                return RunOutput::executor_error(self.why_not(&job.language), Duration::ZERO);
+            };
+            let files = Self::job_files(lang, &job.code, &job.files);
+            let mut argv = match self.command(&lang.run, lang, &files, job.limits.memory_mb) {
+                Ok(a) => a,
+                Err(e) => return RunOutput::executor_error(e, Duration::ZERO),
+            };
+            argv.extend(job.args.iter().cloned());
+            let run = SandboxRun {
+                argv,
+                env: lang.env.clone(),
+                files,
+                build_ro: job.artifact.clone(),
+                compile_build_bytes: None,
+                stdin: job.stdin.as_deref(),
+                timeout: job.timeout,
+                limits: job.limits,
+                tmp_bytes: self.tmp_bytes,
+            };
+            self.run_sandbox(run, &job.eval_id, cancel).await
+        })
+    }
+
+    fn compile<'a>(
+        &'a self,
+        job: &'a CompileJob,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'a, CompileOutput> {
+        Box::pin(async move {
+            let fail = |e: String| CompileOutput {
+                run: RunOutput::executor_error(e, Duration::ZERO),
+                build: None,
+            };
+            let Some(lang) = self.languages.get(&job.language) else {
+                return fail(self.why_not(&job.language));
+            };
+            let Some(template) = &lang.compile else {
+                return fail(format!("`{}` is not a compiled language", job.language));
+            };
+            let files = Self::job_files(lang, &job.code, &job.files);
+            let argv = match self.command(template, lang, &files, job.limits.memory_mb) {
+                Ok(a) => a,
+                Err(e) => return fail(e),
+            };
+            let run = SandboxRun {
+                argv,
+                env: lang.env.clone(),
+                files,
+                build_ro: None,
+                compile_build_bytes: Some(self.judge.build_mb * 1024 * 1024),
+                stdin: None,
+                timeout: job.timeout,
+                limits: job.limits,
+                tmp_bytes: self.judge.compile_tmp_mb * 1024 * 1024,
+            };
+            let mut out = self.run_sandbox(run, &job.eval_id, cancel).await;
+            // The helper's stdout is the frame: how the compiler ended, its output, the build.
+            match (&out.termination, build::parse(&out.stdout)) {
+                (Termination::Exited(0), Some(frame)) => {
+                    out.termination = match frame.status {
+                        build::Status::Exited(c) => Termination::Exited(c),
+                        build::Status::Signaled(s) => Termination::Signaled(s),
+                        build::Status::Failed => {
+                            Termination::ExecutorError("the compiler could not be started".into())
+                        }
+                    };
+                    out.stdout = frame.stdout;
+                    out.stderr = frame.stderr;
+                    CompileOutput {
+                        run: out,
+                        build: Some(frame.tar),
+                    }
+                }
+                _ => {
+                    // The step died before it could report (a limit, a timeout): its own
+                    // stdout is not a frame, so keep only its stderr.
+                    out.stdout.clear();
+                    CompileOutput {
+                        run: out,
+                        build: None,
+                    }
+                }
             }
+        })
+    }
+
+    fn languages(&self) -> BoxFuture<'_, Vec<LanguageInfo>> {
+        Box::pin(async move {
+            let mut out = Vec::new();
+            for (name, lang) in &self.languages {
+                out.push(LanguageInfo {
+                    name: name.clone(),
+                    version: lang.known_version.lock().ok().and_then(|v| v.clone()),
+                    compiled: lang.compile.is_some(),
+                    file: lang.file.clone(),
+                    available: true,
+                    reason: None,
+                    limits: lang.limits,
+                });
+            }
+            for (name, why) in &self.unavailable {
+                out.push(LanguageInfo {
+                    name: name.clone(),
+                    version: None,
+                    compiled: false,
+                    file: String::new(),
+                    available: false,
+                    reason: Some(why.clone()),
+                    limits: RunLimits {
+                        memory_mb: 0,
+                        cpu_ms: 0,
+                        max_processes: 0,
+                        max_output_bytes: 0,
+                    },
+                });
+            }
+            out.sort_by(|a, b| a.name.cmp(&b.name));
+            out
         })
     }
 

@@ -2,7 +2,6 @@
 //! scripted (the relay logic is under test here; real sinks have their own tests).
 
 use super::*;
-use crate::model::NewEvaluation;
 use crate::store::StoreOptions;
 use std::collections::HashSet;
 use std::time::Instant;
@@ -77,14 +76,9 @@ async fn setup(n: usize) -> (tempfile::TempDir, Arc<Store>) {
     for i in 0..n {
         store
             .submit(
-                vec![NewEvaluation {
-                    language: "python".into(),
-                    code: format!("print({i})"),
-                    stdin: None,
-                    timeout: 1.0,
-                    metadata: None,
-                    limits: crate::config::Config::default().max_limits("python"),
-                }],
+                vec![crate::model::NewEvaluation::for_tests(&format!(
+                    "print({i})"
+                ))],
                 None,
                 1000,
             )
@@ -135,14 +129,7 @@ async fn delivers_everything_in_order_and_saves_the_cursor() {
     // New events wake the relay.
     store
         .submit(
-            vec![NewEvaluation {
-                language: "python".into(),
-                code: "x".into(),
-                stdin: None,
-                timeout: 1.0,
-                metadata: None,
-                limits: crate::config::Config::default().max_limits("python"),
-            }],
+            vec![crate::model::NewEvaluation::for_tests("x")],
             None,
             1000,
         )

@@ -15,8 +15,8 @@
 //! This module never writes the store except through the store's operations.
 
 use crate::config::Config;
-use crate::executor::{signal_name, Executor, Job, RunOutput, Termination};
-use crate::model::{FailureReason, Finish, RunLimits, Status};
+use crate::executor::Executor;
+use crate::judge::Judge;
 use crate::ops::metrics::{Exposition, Histogram, LabeledCounter};
 use crate::ops::report::{Health, Level, Report};
 use crate::ops::worker::{Backoff, Runner, State, Worker};
@@ -54,7 +54,7 @@ impl Default for QueueStats {
 pub struct Queue {
     store: Arc<Store>,
     executor: Arc<dyn Executor>,
-    cfg: Arc<Config>,
+    judge: Arc<Judge>,
     workers: usize,
     max_queued: usize,
     paused: AtomicBool,
@@ -72,14 +72,19 @@ pub struct Queue {
 
 impl Queue {
     /// A queue over `store` running at most `cfg.workers` evaluations at once.
-    pub fn new(store: Arc<Store>, executor: Arc<dyn Executor>, cfg: Arc<Config>) -> Arc<Queue> {
+    pub fn new(
+        store: Arc<Store>,
+        executor: Arc<dyn Executor>,
+        judge: Arc<Judge>,
+        cfg: Arc<Config>,
+    ) -> Arc<Queue> {
         Arc::new(Queue {
             store,
             executor,
+            judge,
             workers: cfg.workers,
             max_queued: cfg.max_queued,
             paused: AtomicBool::new(cfg.start_paused),
-            cfg,
             wake: Notify::new(),
             claimed: Mutex::new(HashSet::new()),
             running: Mutex::new(HashMap::new()),
@@ -209,23 +214,14 @@ impl Queue {
             event_type = "evaluation:started",
             "evaluation started"
         );
-        let job = Job {
-            eval_id: id.clone(),
-            language: rec.language.clone(),
-            code: rec.code.clone(),
-            stdin: rec.stdin.clone(),
-            timeout: Duration::from_secs_f64(rec.timeout),
-            // Records from before limits were recorded run with today's maximum.
-            limits: rec
-                .limits
-                .unwrap_or_else(|| self.cfg.max_limits(&rec.language)),
-        };
-        let out = self.executor.run(&job, token).await;
+        let run_started = std::time::Instant::now();
+        let fin = self.judge.evaluate(&rec, &self.store, token).await;
         if let Ok(mut m) = self.running.lock() {
             m.remove(&id);
         }
-        self.stats.run_seconds.observe(out.duration.as_secs_f64());
-        let fin = classify(out, &job.limits, rec.timeout);
+        self.stats
+            .run_seconds
+            .observe(run_started.elapsed().as_secs_f64());
         let (status, reason) = (fin.status, fin.failure_reason);
         // A finish that cannot be written now is retried: the evaluation must not stay
         // `running` while the process lives. A user cancel already wrote `cancelled`.
@@ -385,164 +381,5 @@ impl Report for Queue {
             "1 when dispatching is paused.",
             self.is_paused(),
         );
-    }
-}
-
-/// Turn an executor outcome into the terminal transition.
-pub fn classify(out: RunOutput, limits: &RunLimits, timeout_secs: f64) -> Finish {
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let runtime_ms = Some(out.duration.as_millis() as u64);
-    let failed = |reason: FailureReason, exit_code: Option<i32>, error: String| Finish {
-        status: Status::Failed,
-        exit_code,
-        output: stdout.clone(),
-        stderr: stderr.clone(),
-        output_truncated: out.truncated,
-        failure_reason: Some(reason),
-        error: Some(error),
-        runtime_ms,
-        cpu_ms: out.usage.cpu_ms,
-        memory_peak_kb: out.usage.memory_peak_kb,
-    };
-    match &out.termination {
-        Termination::Cancelled => failed(
-            FailureReason::Interrupted,
-            None,
-            "the appliance shut down while this evaluation was running; it was killed".into(),
-        ),
-        Termination::TimedOut => failed(
-            FailureReason::Timeout,
-            None,
-            format!("wall-clock timeout of {timeout_secs} s reached; the process tree was killed"),
-        ),
-        Termination::CpuLimit => failed(
-            FailureReason::Timeout,
-            None,
-            format!(
-                "CPU-time limit of {} ms reached; the process tree was killed",
-                limits.cpu_ms
-            ),
-        ),
-        Termination::ExecutorError(msg) => failed(FailureReason::ExecutorError, None, msg.clone()),
-        t if out.memory_exceeded => {
-            let code = match t {
-                Termination::Exited(c) => Some(*c),
-                Termination::Signaled(s) => Some(128 + s),
-                _ => None,
-            };
-            failed(
-                FailureReason::MemoryLimit,
-                code,
-                format!(
-                    "memory limit of {} MiB reached (the kernel killed a process of the run)",
-                    limits.memory_mb
-                ),
-            )
-        }
-        Termination::Signaled(sig) if *sig == libc::SIGXCPU => failed(
-            FailureReason::Timeout,
-            Some(128 + sig),
-            "CPU-time limit reached".into(),
-        ),
-        Termination::Signaled(sig) => failed(
-            FailureReason::NonzeroExit,
-            Some(128 + sig),
-            format!("killed by signal {sig} ({})", signal_name(*sig)),
-        ),
-        Termination::Exited(0) => Finish {
-            status: Status::Completed,
-            exit_code: Some(0),
-            output: stdout.clone(),
-            stderr: stderr.clone(),
-            output_truncated: out.truncated,
-            failure_reason: None,
-            error: None,
-            runtime_ms,
-            cpu_ms: out.usage.cpu_ms,
-            memory_peak_kb: out.usage.memory_peak_kb,
-        },
-        Termination::Exited(code) => failed(
-            FailureReason::NonzeroExit,
-            Some(*code),
-            format!("exited with code {code}"),
-        ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::executor::Usage;
-
-    fn out(t: Termination, mem: bool) -> RunOutput {
-        RunOutput {
-            termination: t,
-            stdout: b"o".to_vec(),
-            stderr: b"e".to_vec(),
-            truncated: false,
-            duration: Duration::from_millis(5),
-            memory_exceeded: mem,
-            usage: Usage {
-                cpu_ms: Some(3),
-                memory_peak_kb: Some(2048),
-            },
-        }
-    }
-
-    fn classify_t(o: RunOutput, _mem: u64, timeout: f64) -> Finish {
-        classify(
-            o,
-            &RunLimits {
-                memory_mb: 256,
-                cpu_ms: 1000,
-                max_processes: 8,
-                max_output_bytes: 100,
-            },
-            timeout,
-        )
-    }
-
-    #[test]
-    fn an_oom_kill_is_a_memory_limit_even_after_a_clean_exit() {
-        let c = classify_t(out(Termination::Exited(0), true), 256, 1.0);
-        assert_eq!(
-            (c.status, c.failure_reason, c.exit_code),
-            (Status::Failed, Some(FailureReason::MemoryLimit), Some(0))
-        );
-        let c = classify_t(out(Termination::CpuLimit, false), 256, 1.0);
-        assert_eq!(c.failure_reason, Some(FailureReason::Timeout));
-        assert!(c.error.unwrap_or_default().contains("1000 ms"));
-        let c = classify_t(out(Termination::Exited(0), false), 256, 1.0);
-        assert_eq!((c.cpu_ms, c.memory_peak_kb), (Some(3), Some(2048)));
-    }
-
-    #[test]
-    fn classification() {
-        let c = classify_t(out(Termination::Exited(0), false), 256, 1.0);
-        assert_eq!(c.status, Status::Completed);
-        assert_eq!(c.failure_reason, None);
-        let c = classify_t(out(Termination::Exited(3), false), 256, 1.0);
-        assert_eq!(
-            (c.status, c.failure_reason, c.exit_code),
-            (Status::Failed, Some(FailureReason::NonzeroExit), Some(3))
-        );
-        let c = classify_t(out(Termination::TimedOut, false), 256, 1.0);
-        assert_eq!(c.failure_reason, Some(FailureReason::Timeout));
-        let c = classify_t(out(Termination::Exited(1), true), 256, 1.0);
-        assert_eq!(c.failure_reason, Some(FailureReason::MemoryLimit));
-        let c = classify_t(out(Termination::Signaled(libc::SIGXCPU), false), 256, 1.0);
-        assert_eq!(c.failure_reason, Some(FailureReason::Timeout));
-        let c = classify_t(out(Termination::Signaled(9), false), 256, 1.0);
-        assert_eq!(
-            (c.failure_reason, c.exit_code),
-            (Some(FailureReason::NonzeroExit), Some(137))
-        );
-        let c = classify_t(out(Termination::ExecutorError("x".into()), false), 256, 1.0);
-        assert_eq!(c.failure_reason, Some(FailureReason::ExecutorError));
-        let c = classify_t(out(Termination::Cancelled, false), 256, 1.0);
-        assert_eq!(c.failure_reason, Some(FailureReason::Interrupted));
-        assert_eq!(c.output, "o");
-        assert_eq!(c.stderr, "e");
     }
 }

@@ -532,14 +532,7 @@ mod tests {
                     id.into(),
                     "n".into(),
                     "2026-01-01T00:00:00.000Z".into(),
-                    crate::model::NewEvaluation {
-                        language: "python".into(),
-                        code: "x".into(),
-                        stdin: None,
-                        timeout: 1.0,
-                        metadata: None,
-                        limits: crate::config::Config::default().max_limits("python"),
-                    },
+                    crate::model::NewEvaluation::for_tests("x"),
                 );
                 r.version = version;
                 r.created_seq = 1;

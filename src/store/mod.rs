@@ -20,7 +20,7 @@ mod writer;
 use crate::error::{ApiError, Code};
 use crate::events::Confirmation;
 use crate::events::Event;
-use crate::model::{Evaluation, Finish, NewEvaluation, Status};
+use crate::model::{CompileInfo, Evaluation, Finish, NewEvaluation, Status, TestOutcome};
 use crate::ops::metrics::Exposition;
 use crate::ops::report::{Health, Level, Report};
 use crate::BoxFuture;
@@ -168,6 +168,13 @@ pub(crate) enum Op {
     Cancel {
         eval_id: String,
         reply: Tx<(Evaluation, Status)>,
+    },
+    Progress {
+        eval_id: String,
+        index: usize,
+        outcome: Box<TestOutcome>,
+        compile: Option<Box<CompileInfo>>,
+        reply: Tx<Evaluation>,
     },
     InterruptRunning {
         reply: Tx<u64>,
@@ -405,6 +412,25 @@ impl Store {
         self.call(|reply| Op::Finish {
             eval_id,
             fin: Box::new(fin),
+            reply,
+        })
+        .await
+    }
+
+    /// Test `index` of a running evaluation was judged, durably (`evaluation:progress`).
+    pub async fn progress(
+        &self,
+        eval_id: &str,
+        index: usize,
+        outcome: TestOutcome,
+        compile: Option<CompileInfo>,
+    ) -> Result<Evaluation, StoreError> {
+        let eval_id = eval_id.to_string();
+        self.call(|reply| Op::Progress {
+            eval_id,
+            index,
+            outcome: Box::new(outcome),
+            compile: compile.map(Box::new),
             reply,
         })
         .await

@@ -43,12 +43,8 @@ async fn reopen(dir: &std::path::Path) -> Arc<Store> {
 
 fn new_eval(code: &str) -> NewEvaluation {
     NewEvaluation {
-        language: "python".into(),
-        code: code.into(),
-        stdin: None,
         timeout: 5.0,
-        metadata: None,
-        limits: crate::config::Config::default().max_limits("python"),
+        ..NewEvaluation::for_tests(code)
     }
 }
 
@@ -72,6 +68,10 @@ fn done(status: Status) -> Finish {
         runtime_ms: Some(3),
         cpu_ms: None,
         memory_peak_kb: None,
+        compile: None,
+        tests: Vec::new(),
+        verdict: None,
+        score: None,
     }
 }
 

@@ -93,6 +93,7 @@ impl From<TransitionError> for StoreError {
         match e {
             TransitionError::AlreadyTerminal(s) => StoreError::AlreadyTerminal(s),
             TransitionError::WrongState(a, b) => StoreError::WrongState(a, b),
+            TransitionError::NoSuchTest(_) => StoreError::NotFound,
         }
     }
 }
@@ -318,6 +319,16 @@ impl Pending<'_> {
                 reply,
             } => answer(reply, self.finish(&eval_id, *fin)),
             Op::Cancel { eval_id, reply } => answer(reply, self.cancel(&eval_id)),
+            Op::Progress {
+                eval_id,
+                index,
+                outcome,
+                compile,
+                reply,
+            } => answer(
+                reply,
+                self.progress(&eval_id, index, &outcome, compile.as_deref()),
+            ),
             Op::InterruptRunning { reply } => answer(reply, self.interrupt_running()),
             Op::SetCursor { sink, seq, reply } => {
                 self.put_cursor(&sink, seq);
@@ -507,6 +518,18 @@ impl Pending<'_> {
         let rec = self.load(id)?.ok_or(StoreError::NotFound)?;
         let (next, kind) = rec.finish(fin, &now())?;
         self.running = self.running.saturating_sub(1);
+        Ok(self.put(next, Some(rec.status), kind).clone())
+    }
+
+    fn progress(
+        &mut self,
+        id: &str,
+        index: usize,
+        outcome: &crate::model::TestOutcome,
+        compile: Option<&crate::model::CompileInfo>,
+    ) -> Result<Evaluation, StoreError> {
+        let rec = self.load(id)?.ok_or(StoreError::NotFound)?;
+        let (next, kind) = rec.progress(index, outcome, compile)?;
         Ok(self.put(next, Some(rec.status), kind).clone())
     }
 

@@ -42,7 +42,10 @@ async fn half_open_connections_do_not_keep_the_api_down() {
     let a = addr.clone();
     let started = Instant::now();
     let health = tokio::task::spawn_blocking(move || {
-        raw_request(&a, "GET /health HTTP/1.1\r\nHost: crucible\r\nConnection: close\r\n\r\n")
+        raw_request(
+            &a,
+            "GET /health HTTP/1.1\r\nHost: crucible\r\nConnection: close\r\n\r\n",
+        )
     })
     .await
     .expect("join");
@@ -77,7 +80,8 @@ async fn half_open_connections_do_not_keep_the_api_down() {
 async fn a_half_sent_request_is_closed_at_the_header_deadline() {
     let s = Server::start("[http]\nheader_timeout_secs = 1").await;
     let mut c = TcpStream::connect(&s.addr).expect("connect");
-    c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").expect("partial");
+    c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .expect("partial");
     c.set_read_timeout(Some(DEADLINE)).expect("timeout");
     let started = Instant::now();
     let mut buf = [0u8; 256];
@@ -140,7 +144,10 @@ async fn an_idempotency_key_reused_for_another_request_is_a_conflict() {
     let head = s.health().await["store"]["head_seq"].clone();
     let other = send(r#"{"code": "print(2)", "metadata": {"a": 1, "b": 2}}"#).await;
     assert_eq!(other.status, 409, "{}", other.text());
-    assert_eq!(other.error_code().as_deref(), Some("idempotency_key_conflict"));
+    assert_eq!(
+        other.error_code().as_deref(),
+        Some("idempotency_key_conflict")
+    );
     assert_eq!(s.health().await["store"]["head_seq"], head);
     assert_eq!(s.all_records().await.len(), 1);
 }
@@ -148,10 +155,7 @@ async fn an_idempotency_key_reused_for_another_request_is_a_conflict() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_leave_no_directory_behind_however_they_end() {
     let s = Server::start("workers = 2").await;
-    let node = s.health().await["node"]
-        .as_str()
-        .expect("node")
-        .to_string();
+    let node = s.health().await["node"].as_str().expect("node").to_string();
     // As root the sandbox works under the system temp dir; otherwise in the data dir.
     let work = if unsafe { libc::geteuid() } == 0 {
         std::env::temp_dir().join(format!("crucible-sandbox-{node}"))
@@ -165,13 +169,19 @@ async fn runs_leave_no_directory_behind_however_they_end() {
     s.wait_status(&long, "running").await;
     let started = Instant::now();
     while std::fs::read_dir(&work).map(|d| d.count()).unwrap_or(0) == 0 {
-        assert!(started.elapsed() < DEADLINE, "no run directory in {}", work.display());
+        assert!(
+            started.elapsed() < DEADLINE,
+            "no run directory in {}",
+            work.display()
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // Timed out, cancelled, failed, completed.
     let timed_out = s.submit(json!({"code": spin, "timeout": 1})).await;
     s.wait_terminal(&timed_out).await;
-    let c = s.post(&format!("/api/eval/{long}/cancel"), &json!({})).await;
+    let c = s
+        .post(&format!("/api/eval/{long}/cancel"), &json!({}))
+        .await;
     assert_eq!(c.status, 200);
     s.run_py("raise SystemExit(3)", 30.0).await;
     s.run_py("print(1)", 30.0).await;

@@ -501,14 +501,14 @@ pub fn join_session_with_key(cmd: &mut Command, secret: &str) {
     // SAFETY: only raw syscalls on memory prepared before the fork.
     unsafe {
         cmd.pre_exec(move || {
-            let name = b"crucible-test-session\0";
+            let name = c"crucible-test-session";
             if libc::syscall(libc::SYS_keyctl, 1, name.as_ptr()) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             let r = libc::syscall(
                 libc::SYS_add_key,
-                b"user\0".as_ptr(),
-                b"crucible-test\0".as_ptr(),
+                c"user".as_ptr(),
+                c"crucible-test".as_ptr(),
                 payload.as_ptr(),
                 payload.len(),
                 -3i64,

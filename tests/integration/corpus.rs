@@ -157,7 +157,9 @@ fn tree_memory_capped(r: &Value) -> Result<(), String> {
     if r["status"] == "failed" && r["failure_reason"] == "memory_limit" {
         Ok(())
     } else {
-        Err(format!("12 x 40 MiB under a 128 MiB limit was not stopped: {r:#}"))
+        Err(format!(
+            "12 x 40 MiB under a 128 MiB limit was not stopped: {r:#}"
+        ))
     }
 }
 

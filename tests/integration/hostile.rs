@@ -288,7 +288,11 @@ pub async fn run_corpus(server: &Server) {
             failures.push(format!("{}: {e}", case.name));
         }
     }
-    assert!(failures.is_empty(), "the corpus did not hold:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "the corpus did not hold:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -308,17 +312,23 @@ async fn without_the_filter_the_families_are_open_so_the_test_can_fail() {
     // The protection off: the same probe with `[sandbox] seccomp = false`. Calls an
     // unprivileged program can make succeed, so the corpus above would report them.
     let server = Server::start("[sandbox]\nseccomp = false").await;
-    let p = families(
-        &server
-            .run_py(crate::corpus::SYSCALL_FAMILIES, 60.0)
-            .await,
-    );
-    for open in ["keyctl", "add_key", "io_uring_setup", "ptrace", "process_vm_readv", "userfaultfd"] {
+    let p = families(&server.run_py(crate::corpus::SYSCALL_FAMILIES, 60.0).await);
+    for open in [
+        "keyctl",
+        "add_key",
+        "io_uring_setup",
+        "ptrace",
+        "process_vm_readv",
+        "userfaultfd",
+    ] {
         assert_eq!(p[open], "ok", "{open} without the filter: {p}");
     }
     assert_ne!(p["clone3"], "ENOSYS", "{p}");
     // The second line holds on its own: the sandbox's user.max_user_namespaces is 0.
-    assert_eq!(p["unshare"], "ENOSPC", "nested user namespaces without the filter: {p}");
+    assert_eq!(
+        p["unshare"], "ENOSPC",
+        "nested user namespaces without the filter: {p}"
+    );
     assert_eq!(p["clone_newuser"], "ENOSPC", "{p}");
 }
 
@@ -335,9 +345,11 @@ async fn each_run_has_its_own_empty_keyring() {
 
     // Without the filter (keyctl allowed), the run's fresh keyring still holds nothing
     // of the host's, and nothing of another run's.
-    let server =
-        Server::start_with_session_key("workers = 2\n[sandbox]\nseccomp = false", "hunter2-keyring")
-            .await;
+    let server = Server::start_with_session_key(
+        "workers = 2\n[sandbox]\nseccomp = false",
+        "hunter2-keyring",
+    )
+    .await;
     let p = probe_result(&server.run_py(crate::corpus::KEYRING_SEARCH, 30.0).await);
     assert_eq!(p["search"], "ENOKEY", "the host's key was reachable: {p}");
     let writer = server
@@ -350,9 +362,15 @@ async fn each_run_has_its_own_empty_keyring() {
         .await;
     server.wait_status(&writer, "running").await;
     let p = probe_result(&server.run_py(crate::corpus::KEYRING_SEARCH, 30.0).await);
-    assert_eq!(p["search"], "ENOKEY", "another run's key was reachable: {p}");
+    assert_eq!(
+        p["search"], "ENOKEY",
+        "another run's key was reachable: {p}"
+    );
     let w = server.wait_terminal(&writer).await;
-    assert_eq!(w["output"], "added\n", "the first run could add its key: {w:#}");
+    assert_eq!(
+        w["output"], "added\n",
+        "the first run could add its key: {w:#}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -364,11 +382,15 @@ async fn the_filter_denies_the_privileged_families_even_to_root() {
         // SAFETY: raw syscalls with invalid or harmless arguments.
         unsafe {
             let calls: [libc::c_long; 5] = [
-                libc::syscall(libc::SYS_delete_module, b"crucible_no_such_module\0".as_ptr(), 0),
+                libc::syscall(
+                    libc::SYS_delete_module,
+                    c"crucible_no_such_module".as_ptr(),
+                    0,
+                ),
                 libc::syscall(libc::SYS_kexec_load, 0, 0, 0usize, 0xdead_0000u64),
                 libc::syscall(libc::SYS_reboot, 0, 0, 0, 0),
-                libc::syscall(libc::SYS_swapon, b"/crucible/nonexistent\0".as_ptr(), 0),
-                libc::syscall(libc::SYS_acct, b"/crucible/nonexistent\0".as_ptr()),
+                libc::syscall(libc::SYS_swapon, c"/crucible/nonexistent".as_ptr(), 0),
+                libc::syscall(libc::SYS_acct, c"/crucible/nonexistent".as_ptr()),
             ];
             calls
                 .iter()
@@ -410,5 +432,9 @@ async fn the_filter_denies_the_privileged_families_even_to_root() {
         "as root without the filter none of these is EPERM: {open:?}"
     );
     let filtered = in_child(Some(&filters));
-    assert_eq!(filtered, vec![libc::EPERM; 5], "with the filter: {filtered:?}");
+    assert_eq!(
+        filtered,
+        vec![libc::EPERM; 5],
+        "with the filter: {filtered:?}"
+    );
 }

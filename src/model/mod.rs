@@ -2,7 +2,12 @@
 //! submission. Pure data: nothing here touches the store, the network or the clock
 //! except [`now`].
 
-use crate::error::{ApiError, Code};
+mod judge;
+mod validate;
+
+pub use judge::*;
+pub use validate::{validate_submission, FieldError, JudgeRules, LanguageState, SubmitRules};
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -74,6 +79,9 @@ pub enum EventType {
     Failed,
     #[serde(rename = "evaluation:cancelled")]
     Cancelled,
+    /// One more test of a running evaluation was judged.
+    #[serde(rename = "evaluation:progress")]
+    Progress,
     #[serde(rename = "storage:evaluation:created")]
     StorageCreated,
     #[serde(rename = "storage:evaluation:updated")]
@@ -82,12 +90,13 @@ pub enum EventType {
 
 impl EventType {
     /// Every type, for docs and metrics.
-    pub const ALL: [EventType; 7] = [
+    pub const ALL: [EventType; 8] = [
         EventType::Queued,
         EventType::Started,
         EventType::Completed,
         EventType::Failed,
         EventType::Cancelled,
+        EventType::Progress,
         EventType::StorageCreated,
         EventType::StorageUpdated,
     ];
@@ -100,6 +109,7 @@ impl EventType {
             EventType::Completed => "evaluation:completed",
             EventType::Failed => "evaluation:failed",
             EventType::Cancelled => "evaluation:cancelled",
+            EventType::Progress => "evaluation:progress",
             EventType::StorageCreated => "storage:evaluation:created",
             EventType::StorageUpdated => "storage:evaluation:updated",
         }
@@ -131,6 +141,8 @@ pub enum FailureReason {
     ExecutorError,
     /// The appliance stopped or crashed while the evaluation was running.
     Interrupted,
+    /// The program of a compiled language did not compile (see `compile`).
+    CompileError,
 }
 
 impl FailureReason {
@@ -142,6 +154,7 @@ impl FailureReason {
             FailureReason::MemoryLimit => "memory_limit",
             FailureReason::ExecutorError => "executor_error",
             FailureReason::Interrupted => "interrupted",
+            FailureReason::CompileError => "compile_error",
         }
     }
 }
@@ -183,6 +196,33 @@ pub struct Evaluation {
     /// language). `null` only on records written before limits were recorded.
     #[serde(default)]
     pub limits: Option<RunLimits>,
+    /// Source files beside the main file (`code`).
+    #[serde(default)]
+    pub files: Vec<SourceFile>,
+    /// Command-line arguments of the program.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Test cases: what was submitted and, once judged, what happened.
+    #[serde(default)]
+    pub tests: Vec<TestCase>,
+    /// How outputs are compared with `expected_output`.
+    #[serde(default)]
+    pub compare: Compare,
+    #[serde(default = "default_tolerance")]
+    pub float_tolerance: f64,
+    /// After the first test that is not accepted, the rest are `skipped`.
+    #[serde(default)]
+    pub stop_on_failure: bool,
+    /// The compile step (`null` for interpreted languages, and until it ran).
+    #[serde(default)]
+    pub compile: Option<CompileInfo>,
+    /// With tests: `accepted` when every test is, else the first verdict that is not;
+    /// `compile_error` when compilation failed.
+    #[serde(default)]
+    pub verdict: Option<Verdict>,
+    /// With tests: how many passed.
+    #[serde(default)]
+    pub score: Option<Score>,
     /// Rises by one with every event of this evaluation.
     pub version: u64,
     /// The node that accepted the evaluation.
@@ -216,6 +256,15 @@ impl Evaluation {
             failure_reason: None,
             metadata: new.metadata,
             limits: Some(new.limits),
+            files: new.files,
+            args: new.args,
+            tests: new.tests,
+            compare: new.compare,
+            float_tolerance: new.float_tolerance,
+            stop_on_failure: new.stop_on_failure,
+            compile: None,
+            verdict: None,
+            score: None,
             version: 0,
             node,
             created_seq: 0,
@@ -236,6 +285,59 @@ pub struct Finish {
     pub runtime_ms: Option<u64>,
     pub cpu_ms: Option<u64>,
     pub memory_peak_kb: Option<u64>,
+    /// The compile step, for compiled languages.
+    pub compile: Option<CompileInfo>,
+    /// Every test as judged (empty without tests).
+    pub tests: Vec<TestCase>,
+    pub verdict: Option<Verdict>,
+    pub score: Option<Score>,
+}
+
+impl Finish {
+    /// An outcome with no run: `failed` for `reason`, saying `error`.
+    pub fn failed(reason: FailureReason, error: String) -> Finish {
+        Finish {
+            status: Status::Failed,
+            exit_code: None,
+            output: String::new(),
+            stderr: String::new(),
+            output_truncated: false,
+            failure_reason: Some(reason),
+            error: Some(error),
+            runtime_ms: None,
+            cpu_ms: None,
+            memory_peak_kb: None,
+            compile: None,
+            tests: Vec::new(),
+            verdict: None,
+            score: None,
+        }
+    }
+}
+
+impl NewEvaluation {
+    /// A plain Python submission with the default limits (tests of the store and sinks).
+    #[cfg(test)]
+    pub fn for_tests(code: &str) -> NewEvaluation {
+        NewEvaluation {
+            language: "python".into(),
+            code: code.into(),
+            stdin: None,
+            timeout: 1.0,
+            metadata: None,
+            limits: crate::config::Config::default().max_limits("python"),
+            files: Vec::new(),
+            args: Vec::new(),
+            tests: Vec::new(),
+            compare: Compare::default(),
+            float_tolerance: 1e-6,
+            stop_on_failure: false,
+        }
+    }
+}
+
+fn default_tolerance() -> f64 {
+    1e-6
 }
 
 /// A state change the record's current status does not allow.
@@ -245,6 +347,8 @@ pub enum TransitionError {
     AlreadyTerminal(&'static str),
     #[error("the evaluation is {0}, not {1}")]
     WrongState(&'static str, &'static str),
+    #[error("the evaluation has no test {0}")]
+    NoSuchTest(usize),
 }
 
 /// The state machine: each transition returns the record as it is after the change
@@ -303,8 +407,41 @@ impl Evaluation {
         n.runtime_ms = fin.runtime_ms;
         n.cpu_ms = fin.cpu_ms;
         n.memory_peak_kb = fin.memory_peak_kb;
-        n.success = Some(fin.status == Status::Completed);
+        if fin.compile.is_some() {
+            n.compile = fin.compile;
+        }
+        if !fin.tests.is_empty() {
+            n.tests = fin.tests;
+        }
+        n.verdict = fin.verdict;
+        n.score = fin.score;
+        n.success = Some(match n.verdict {
+            Some(v) => fin.status == Status::Completed && v == Verdict::Accepted,
+            None => fin.status == Status::Completed,
+        });
         Ok((n, EventType::for_status(fin.status)))
+    }
+
+    /// `running -> running`: test `index` was judged (and, with the first test, the
+    /// compile step is known). Announced by `evaluation:progress`.
+    pub fn progress(
+        &self,
+        index: usize,
+        outcome: &TestOutcome,
+        compile: Option<&CompileInfo>,
+    ) -> Result<(Evaluation, EventType), TransitionError> {
+        if self.status != Status::Running {
+            return Err(TransitionError::WrongState(self.status.as_str(), "running"));
+        }
+        let Some(test) = self.tests.get(index) else {
+            return Err(TransitionError::NoSuchTest(index));
+        };
+        let mut n = self.next(Status::Running);
+        n.tests[index] = test.judged(outcome);
+        if let Some(c) = compile {
+            n.compile = Some(c.clone());
+        }
+        Ok((n, EventType::Progress))
     }
 
     /// `queued | running -> cancelled`, by request.
@@ -388,230 +525,12 @@ pub struct NewEvaluation {
     pub metadata: Option<Value>,
     /// The limits it will run under.
     pub limits: RunLimits,
-}
-
-/// What validation needs to know.
-#[derive(Clone)]
-pub struct SubmitRules<'a> {
-    pub languages: &'a dyn Fn(&str) -> LanguageState,
-    pub max_code_bytes: usize,
-    pub max_stdin_bytes: usize,
-    pub max_metadata_bytes: usize,
-    pub default_timeout: f64,
-    pub max_timeout: f64,
-    /// The most a request may ask for, per language (also the default).
-    pub max_limits: &'a dyn Fn(&str) -> RunLimits,
-}
-
-/// Whether a language can be used right now.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LanguageState {
-    Available,
-    /// Configured, but the interpreter is missing on this host; the text says what to install.
-    Unavailable(String),
-    Unknown,
-}
-
-/// A validation failure: the field and what is wrong with it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldError {
-    pub field: String,
-    pub code: Code,
-    pub message: String,
-}
-
-impl From<FieldError> for ApiError {
-    fn from(e: FieldError) -> Self {
-        ApiError::new(e.code, e.message).with_field(&e.field)
-    }
-}
-
-impl FieldError {
-    fn new(field: &str, message: impl Into<String>) -> Self {
-        FieldError {
-            field: field.to_string(),
-            code: Code::InvalidField,
-            message: message.into(),
-        }
-    }
-
-    /// Prefix the field with its position in a batch (`evaluations[3].code`).
-    pub fn in_batch(mut self, index: usize) -> Self {
-        self.field = format!("evaluations[{index}].{}", self.field);
-        self
-    }
-}
-
-/// Validate one submission object (already parsed as JSON).
-pub fn validate_submission(
-    v: &Value,
-    rules: &SubmitRules<'_>,
-) -> Result<NewEvaluation, FieldError> {
-    let obj = v
-        .as_object()
-        .ok_or_else(|| FieldError::new("body", "the body must be a JSON object"))?;
-    let code = match obj.get("code") {
-        None | Some(Value::Null) => return Err(FieldError::new("code", "`code` is required")),
-        Some(Value::String(s)) => s.clone(),
-        Some(_) => return Err(FieldError::new("code", "`code` must be a string")),
-    };
-    if code.trim().is_empty() {
-        return Err(FieldError::new("code", "`code` must not be empty"));
-    }
-    if code.len() > rules.max_code_bytes {
-        return Err(FieldError::new(
-            "code",
-            format!(
-                "`code` is {} bytes; the limit is {}",
-                code.len(),
-                rules.max_code_bytes
-            ),
-        ));
-    }
-    if code.contains('\0') {
-        return Err(FieldError::new(
-            "code",
-            "`code` must not contain NUL characters",
-        ));
-    }
-    let language = match obj.get("language") {
-        None | Some(Value::Null) => "python".to_string(),
-        Some(Value::String(s)) => s.clone(),
-        Some(_) => return Err(FieldError::new("language", "`language` must be a string")),
-    };
-    match (rules.languages)(&language) {
-        LanguageState::Available => {}
-        LanguageState::Unavailable(why) => {
-            return Err(FieldError {
-                field: "language".into(),
-                code: Code::UnsupportedLanguage,
-                message: why,
-            })
-        }
-        LanguageState::Unknown => {
-            return Err(FieldError {
-                field: "language".into(),
-                code: Code::UnsupportedLanguage,
-                message: format!("unknown language `{}`", truncate_for_message(&language)),
-            })
-        }
-    }
-    let timeout = match obj.get("timeout") {
-        None | Some(Value::Null) => rules.default_timeout,
-        Some(Value::Number(n)) => match n.as_f64() {
-            Some(t) if t.is_finite() && t > 0.0 && t <= rules.max_timeout => t,
-            _ => {
-                return Err(FieldError::new(
-                    "timeout",
-                    format!(
-                        "`timeout` must be a number of seconds above 0 and at most {}",
-                        rules.max_timeout
-                    ),
-                ))
-            }
-        },
-        Some(_) => {
-            return Err(FieldError::new(
-                "timeout",
-                "`timeout` must be a number of seconds",
-            ))
-        }
-    };
-    let stdin = match obj.get("stdin") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => {
-            if s.len() > rules.max_stdin_bytes {
-                return Err(FieldError::new(
-                    "stdin",
-                    format!(
-                        "`stdin` is {} bytes; the limit is {}",
-                        s.len(),
-                        rules.max_stdin_bytes
-                    ),
-                ));
-            }
-            Some(s.clone())
-        }
-        Some(_) => return Err(FieldError::new("stdin", "`stdin` must be a string")),
-    };
-    let metadata = match obj.get("metadata") {
-        None | Some(Value::Null) => None,
-        Some(m @ Value::Object(_)) => {
-            let size = serde_json::to_vec(m).map(|b| b.len()).unwrap_or(usize::MAX);
-            if size > rules.max_metadata_bytes {
-                return Err(FieldError::new(
-                    "metadata",
-                    format!(
-                        "`metadata` is {size} bytes; the limit is {}",
-                        rules.max_metadata_bytes
-                    ),
-                ));
-            }
-            Some(m.clone())
-        }
-        Some(_) => return Err(FieldError::new("metadata", "`metadata` must be an object")),
-    };
-    let limits = validate_limits(obj.get("limits"), (rules.max_limits)(&language))?;
-    Ok(NewEvaluation {
-        language,
-        code,
-        stdin,
-        timeout,
-        metadata,
-        limits,
-    })
-}
-
-/// `limits`: each key optional, a whole number from its minimum up to `max`'s value.
-fn validate_limits(v: Option<&Value>, max: RunLimits) -> Result<RunLimits, FieldError> {
-    let obj = match v {
-        None | Some(Value::Null) => return Ok(max),
-        Some(Value::Object(o)) => o,
-        Some(_) => return Err(FieldError::new("limits", "`limits` must be an object")),
-    };
-    let mut out = max;
-    for (key, value) in obj {
-        let field = format!("limits.{}", truncate_for_message(key));
-        let mut capped = max;
-        let Some(cap) = capped.get_mut(key).map(|c| *c) else {
-            return Err(FieldError::new(
-                &field,
-                format!(
-                    "unknown limit; expected one of {}",
-                    RunLimits::NAMES.join(", ")
-                ),
-            ));
-        };
-        let min = RunLimits::minimum(key);
-        let n = match value.as_u64() {
-            Some(n) if n >= min => n,
-            _ => {
-                return Err(FieldError::new(
-                    &field,
-                    format!("`{field}` must be a whole number of at least {min}"),
-                ))
-            }
-        };
-        if n > cap {
-            return Err(FieldError {
-                field: field.clone(),
-                code: Code::LimitTooHigh,
-                message: format!("`{field}` is {n}; this server allows at most {cap}"),
-            });
-        }
-        if let Some(slot) = out.get_mut(key) {
-            *slot = n;
-        }
-    }
-    Ok(out)
-}
-
-fn truncate_for_message(s: &str) -> String {
-    let mut out: String = s.chars().take(40).collect();
-    if out.len() < s.len() {
-        out.push('…');
-    }
-    out
+    pub files: Vec<SourceFile>,
+    pub args: Vec<String>,
+    pub tests: Vec<TestCase>,
+    pub compare: Compare,
+    pub float_tolerance: f64,
+    pub stop_on_failure: bool,
 }
 
 /// Current time as RFC 3339 UTC with milliseconds.
@@ -622,6 +541,7 @@ pub fn now() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Code;
     use serde_json::json;
 
     fn langs(name: &str) -> LanguageState {
@@ -641,6 +561,13 @@ mod tests {
             default_timeout: 10.0,
             max_timeout: 60.0,
             max_limits: &max_limits,
+            main_file: &|_| Some("main.py".to_string()),
+            judge: JudgeRules {
+                max_tests: 3,
+                max_eval_secs: 25.0,
+                max_files: 2,
+                max_args: 2,
+            },
         }
     }
 
@@ -775,6 +702,10 @@ mod tests {
             runtime_ms: Some(1),
             cpu_ms: Some(1),
             memory_peak_kb: Some(100),
+            compile: None,
+            tests: Vec::new(),
+            verdict: None,
+            score: None,
         }
     }
 
