@@ -684,6 +684,9 @@ impl Default for SandboxConfig {
                 "mime.types",
                 "python3",
                 "python3.11",
+                // The JVM's own configuration (security properties; no secrets).
+                "java-17-openjdk",
+                "java-21-openjdk",
             ]
             .iter()
             .map(|s| s.to_string())

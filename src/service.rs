@@ -377,6 +377,11 @@ impl Service {
         self.store.node_id()
     }
 
+    /// Every configured language as the executor sees it.
+    pub async fn languages(&self) -> Vec<crate::executor::LanguageInfo> {
+        self.executor.languages().await
+    }
+
     /// Every sink's delivery state.
     pub fn sinks(&self) -> Vec<SinkReport> {
         self.outbox.reports()

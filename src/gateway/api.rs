@@ -286,6 +286,13 @@ pub async fn metrics(state: &State) -> Response<Body> {
     )
 }
 
+/// `GET /api/languages`: every configured language, whether it can run here, its
+/// toolchain's version and its default limits.
+pub async fn languages(state: &State) -> Response<Body> {
+    let langs = state.service.languages().await;
+    json_response(StatusCode::OK, &json!({ "languages": langs }))
+}
+
 pub fn sinks(state: &State) -> Response<Body> {
     json_response(StatusCode::OK, &json!({ "sinks": state.service.sinks() }))
 }

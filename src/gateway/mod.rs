@@ -212,6 +212,12 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> Handled {
         ["health"] => ("/health", Err(ApiError::method_not_allowed("GET, HEAD"))),
         ["metrics"] => guarded!("/metrics", get, "GET, HEAD", Ok(api::metrics(state).await)),
         ["api", "openapi.json"] if get => ("/api/openapi.json", Ok(api::openapi())),
+        ["api", "languages"] => guarded!(
+            "/api/languages",
+            get,
+            "GET, HEAD",
+            Ok(api::languages(state).await)
+        ),
         ["api", "eval"] => guarded!("/api/eval", post, "POST", api::submit(state, req).await),
         ["api", "eval-batch"] => {
             guarded!(

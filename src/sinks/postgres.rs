@@ -98,6 +98,22 @@ ALTER TABLE evaluations ADD COLUMN IF NOT EXISTS memory_peak_kb bigint;
 ALTER TABLE evaluations ADD COLUMN IF NOT EXISTS limits jsonb;
 "#,
     ),
+    (
+        3,
+        "judging: files, args, tests, compile, verdict, score",
+        r#"
+ALTER TABLE evaluations ADD COLUMN IF NOT EXISTS files jsonb NOT NULL DEFAULT '[]';
+ALTER TABLE evaluations ADD COLUMN IF NOT EXISTS args jsonb NOT NULL DEFAULT '[]';
+ALTER TABLE evaluations ADD COLUMN IF NOT EXISTS tests jsonb NOT NULL DEFAULT '[]';
+ALTER TABLE evaluations ADD COLUMN IF NOT EXISTS compare text NOT NULL DEFAULT 'trimmed';
+ALTER TABLE evaluations ADD COLUMN IF NOT EXISTS float_tolerance double precision NOT NULL DEFAULT 1e-6;
+ALTER TABLE evaluations ADD COLUMN IF NOT EXISTS stop_on_failure boolean NOT NULL DEFAULT false;
+ALTER TABLE evaluations ADD COLUMN IF NOT EXISTS compile jsonb;
+ALTER TABLE evaluations ADD COLUMN IF NOT EXISTS verdict text;
+ALTER TABLE evaluations ADD COLUMN IF NOT EXISTS score jsonb;
+CREATE INDEX IF NOT EXISTS evaluations_verdict_created ON evaluations (verdict, created_at DESC);
+"#,
+    ),
 ];
 
 /// Advisory lock key serializing migrations across appliances.
@@ -107,12 +123,15 @@ const UPSERT: &str = r#"
 INSERT INTO evaluations AS e (
     eval_id, node, status, language, code, stdin, timeout, created_at, started_at,
     completed_at, runtime_ms, exit_code, success, output, stderr, error, output_truncated,
-    failure_reason, metadata, version, created_seq, cpu_ms, memory_peak_kb, limits)
+    failure_reason, metadata, version, created_seq, cpu_ms, memory_peak_kb, limits,
+    files, args, tests, compare, float_tolerance, stop_on_failure, compile, verdict, score)
 SELECT * FROM UNNEST(
     $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::float8[],
     $8::timestamptz[], $9::timestamptz[], $10::timestamptz[], $11::int8[], $12::int4[],
     $13::bool[], $14::text[], $15::text[], $16::text[], $17::bool[], $18::text[],
-    $19::jsonb[], $20::int8[], $21::int8[], $22::int8[], $23::int8[], $24::jsonb[])
+    $19::jsonb[], $20::int8[], $21::int8[], $22::int8[], $23::int8[], $24::jsonb[],
+    $25::jsonb[], $26::jsonb[], $27::jsonb[], $28::text[], $29::float8[], $30::bool[],
+    $31::jsonb[], $32::text[], $33::jsonb[])
 ON CONFLICT (eval_id) DO UPDATE SET
     node = EXCLUDED.node, status = EXCLUDED.status, language = EXCLUDED.language,
     code = EXCLUDED.code, stdin = EXCLUDED.stdin, timeout = EXCLUDED.timeout,
@@ -123,7 +142,11 @@ ON CONFLICT (eval_id) DO UPDATE SET
     output_truncated = EXCLUDED.output_truncated, failure_reason = EXCLUDED.failure_reason,
     metadata = EXCLUDED.metadata, version = EXCLUDED.version,
     created_seq = EXCLUDED.created_seq, cpu_ms = EXCLUDED.cpu_ms,
-    memory_peak_kb = EXCLUDED.memory_peak_kb, limits = EXCLUDED.limits, synced_at = now()
+    memory_peak_kb = EXCLUDED.memory_peak_kb, limits = EXCLUDED.limits,
+    files = EXCLUDED.files, args = EXCLUDED.args, tests = EXCLUDED.tests,
+    compare = EXCLUDED.compare, float_tolerance = EXCLUDED.float_tolerance,
+    stop_on_failure = EXCLUDED.stop_on_failure, compile = EXCLUDED.compile,
+    verdict = EXCLUDED.verdict, score = EXCLUDED.score, synced_at = now()
 WHERE e.version < EXCLUDED.version
 "#;
 
@@ -348,6 +371,19 @@ async fn write_batch(conn: &mut Conn, events: &[Event]) -> Result<(), tokio_post
             Vec::with_capacity(n), // memory_peak_kb
             Vec::with_capacity(n), // limits
         );
+        let mut j = (
+            Vec::with_capacity(n), // files
+            Vec::with_capacity(n), // args
+            Vec::with_capacity(n), // tests
+            Vec::with_capacity(n), // compare
+            Vec::with_capacity(n), // float_tolerance
+            Vec::with_capacity(n), // stop_on_failure
+        );
+        let mut k = (
+            Vec::with_capacity(n), // compile
+            Vec::with_capacity(n), // verdict
+            Vec::with_capacity(n), // score
+        );
         for r in rows {
             c.0.push(r.eval_id.clone());
             c.1.push(pg_text(&r.node));
@@ -376,12 +412,23 @@ async fn write_batch(conn: &mut Conn, events: &[Event]) -> Result<(), tokio_post
                 r.limits
                     .map(|l| serde_json::to_value(l).unwrap_or(Value::Null)),
             );
+            let json = |v: Result<Value, serde_json::Error>| pg_json(&v.unwrap_or(Value::Null));
+            j.0.push(json(serde_json::to_value(&r.files)));
+            j.1.push(json(serde_json::to_value(&r.args)));
+            j.2.push(json(serde_json::to_value(&r.tests)));
+            j.3.push(r.compare.as_str().to_string());
+            j.4.push(r.float_tolerance);
+            j.5.push(r.stop_on_failure);
+            k.0.push(r.compile.as_ref().map(|c| json(serde_json::to_value(c))));
+            k.1.push(r.verdict.map(|v| v.as_str().to_string()));
+            k.2.push(r.score.map(|s| json(serde_json::to_value(s))));
         }
         tx.execute(
             &conn.upsert,
             &[
                 &c.0, &c.1, &c.2, &c.3, &c.4, &c.5, &c.6, &t.0, &t.1, &t.2, &t.3, &t.4, &t.5, &t.6,
-                &u.0, &u.1, &u.2, &u.3, &u.4, &u.5, &u.6, &w.0, &w.1, &w.2,
+                &u.0, &u.1, &u.2, &u.3, &u.4, &u.5, &u.6, &w.0, &w.1, &w.2, &j.0, &j.1, &j.2, &j.3,
+                &j.4, &j.5, &k.0, &k.1, &k.2,
             ],
         )
         .await?;

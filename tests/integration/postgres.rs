@@ -42,7 +42,8 @@ async fn row(c: &tokio_postgres::Client, id: &str) -> Value {
                   to_char(completed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS completed_at,
                   runtime_ms, exit_code, success, output, stderr, error, output_truncated,
                   failure_reason, metadata, version, created_seq, cpu_ms, memory_peak_kb,
-                  limits, synced_at
+                  limits, files, args, tests, compare, float_tolerance, stop_on_failure,
+                  compile, verdict, score, synced_at
                 FROM evaluations WHERE eval_id = $1) e",
             &[&id],
         )
@@ -67,6 +68,13 @@ async fn rows_match_the_api_records_field_by_field() {
             .await,
         s.submit(json!({"code": "echo sh; printf 'nul\\000byte'", "language": "sh"}))
             .await,
+        s.submit(
+            json!({"code": "print(input())", "files": [{"name": "m.py", "content": "x=1"}],
+                        "tests": [{"name": "a", "stdin": "1", "expected_output": "1"},
+                                  {"stdin": "2", "expected_output": "3"}],
+                        "compare": "tokens", "args": ["-v"]}),
+        )
+        .await,
     ];
     for id in &ids {
         s.wait_terminal(id).await;
@@ -74,7 +82,7 @@ async fn rows_match_the_api_records_field_by_field() {
     let paused = s.post("/api/admin/queue/pause", &json!({})).await;
     assert_eq!(paused.status, 200);
     ids.push(s.submit(json!({"code": "print('never')"})).await);
-    s.post(&format!("/api/eval/{}/cancel", ids[4]), &json!({}))
+    s.post(&format!("/api/eval/{}/cancel", ids[5]), &json!({}))
         .await;
     wait_synced(&s).await;
 
