@@ -57,16 +57,30 @@ enum Command {
     Submit {
         /// The code file ("-" for stdin).
         file: PathBuf,
-        /// Language; default from the extension (.py -> python, .sh -> sh), else python.
+        /// Language; default from the extension (.py python, .sh sh, .c c, .cpp/.cc cpp,
+        /// .js javascript, .java java, .go go, .rs rust), else python.
         #[arg(long, short)]
         language: Option<String>,
+        /// Another source file, placed beside FILE under its own name (repeatable).
+        #[arg(long = "file", value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// Test cases: a JSON array of {"name"?, "stdin"?, "expected_output"?, "timeout"?}.
+        #[arg(long, value_name = "TESTS.json")]
+        tests: Option<PathBuf>,
+        /// How outputs are compared with expected_output: exact, trimmed, tokens, float.
+        #[arg(long)]
+        compare: Option<String>,
+        /// Arguments for the program (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
         /// Wall-clock timeout in seconds.
         #[arg(long, short)]
         timeout: Option<f64>,
         /// File whose content is the program's stdin.
         #[arg(long, value_name = "FILE")]
         stdin_file: Option<PathBuf>,
-        /// Wait for the result and print the record (exit 0 only if completed).
+        /// Wait for the result and print the record (exit 0 only if it succeeded: completed,
+        /// and with tests, every test accepted).
         #[arg(long, short)]
         wait: bool,
         #[command(flatten)]
@@ -145,12 +159,22 @@ pub fn main() -> i32 {
         Command::Submit {
             file,
             language,
+            files,
+            tests,
+            compare,
+            args,
             timeout,
             stdin_file,
             wait,
             server,
         } => client_cmd(server, move |c| {
-            submit(c, file, language, timeout, stdin_file, wait)
+            let extra = Extra {
+                files,
+                tests,
+                compare,
+                args,
+            };
+            submit(c, file, language, extra, timeout, stdin_file, wait)
         }),
         Command::Status { id, server } => client_cmd(server, move |c| status(c, id)),
         Command::Replay {
@@ -335,38 +359,77 @@ fn answer(r: &crate::client::Reply) -> Result<Value, String> {
     Ok(v)
 }
 
+/// What `submit` adds to a plain submission.
+struct Extra {
+    files: Vec<PathBuf>,
+    tests: Option<PathBuf>,
+    compare: Option<String>,
+    args: Vec<String>,
+}
+
+/// The language a file's extension names.
+fn language_of(file: &std::path::Path) -> &'static str {
+    match file.extension().and_then(|e| e.to_str()) {
+        Some("sh") => "sh",
+        Some("c") => "c",
+        Some("cpp" | "cc" | "cxx") => "cpp",
+        Some("js" | "mjs") => "javascript",
+        Some("java") => "java",
+        Some("go") => "go",
+        Some("rs") => "rust",
+        _ => "python",
+    }
+}
+
 async fn submit(
     c: Client,
     file: PathBuf,
     language: Option<String>,
+    extra: Extra,
     timeout: Option<f64>,
     stdin_file: Option<PathBuf>,
     wait: bool,
 ) -> Result<i32, String> {
+    let read = |p: &PathBuf| {
+        std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+    };
     let code = if file.as_os_str() == "-" {
         let mut s = String::new();
         std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
             .map_err(|e| format!("cannot read stdin: {e}"))?;
         s
     } else {
-        std::fs::read_to_string(&file)
-            .map_err(|e| format!("cannot read {}: {e}", file.display()))?
+        read(&file)?
     };
-    let language = language.unwrap_or_else(|| {
-        match file.extension().and_then(|e| e.to_str()) {
-            Some("sh") => "sh",
-            _ => "python",
-        }
-        .to_string()
-    });
+    let language = language.unwrap_or_else(|| language_of(&file).to_string());
     let mut body = json!({"code": code, "language": language});
     if let Some(t) = timeout {
         body["timeout"] = json!(t);
     }
     if let Some(p) = stdin_file {
-        body["stdin"] =
-            json!(std::fs::read_to_string(&p)
-                .map_err(|e| format!("cannot read {}: {e}", p.display()))?);
+        body["stdin"] = json!(read(&p)?);
+    }
+    if !extra.files.is_empty() {
+        let mut files = Vec::new();
+        for f in &extra.files {
+            let name = f
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| format!("{} has no usable file name", f.display()))?;
+            files.push(json!({"name": name, "content": read(f)?}));
+        }
+        body["files"] = json!(files);
+    }
+    if let Some(t) = &extra.tests {
+        let tests: Value = serde_json::from_str(&read(t)?)
+            .map_err(|e| format!("{} is not JSON: {e}", t.display()))?;
+        body["tests"] = tests;
+    }
+    if let Some(c) = &extra.compare {
+        body["compare"] = json!(c);
+    }
+    if !extra.args.is_empty() {
+        body["args"] = json!(extra.args);
     }
     let r = c
         .post_json("/api/eval", &body)
@@ -387,7 +450,8 @@ async fn submit(
         match rec["status"].as_str() {
             Some("completed") => {
                 print_json(&rec);
-                return Ok(0);
+                // With tests, `completed` only means every test was judged.
+                return Ok(if rec["success"] == true { 0 } else { 1 });
             }
             Some("failed") | Some("cancelled") => {
                 print_json(&rec);

@@ -395,6 +395,7 @@ function renderRecord(root, rec) {
   f("cpu").textContent = fmtMs(rec.cpu_ms);
   f("memory_peak").textContent = fmtKb(rec.memory_peak_kb);
   f("limits").textContent = fmtLimits(rec.limits);
+  renderJudging(f, rec);
   f("created_at").textContent = fmtTime(rec.created_at);
   f("started_at").textContent = fmtTime(rec.started_at);
   f("completed_at").textContent = fmtTime(rec.completed_at);
@@ -412,10 +413,46 @@ function renderRecord(root, rec) {
   prog.textContent = progressText(rec);
 }
 
+// Compile step, tests and verdict (judged evaluations); hidden when there are none.
+function renderJudging(f, rec) {
+  const tests = rec.tests || [];
+  f("verdict-box").hidden = !rec.verdict;
+  f("verdict").textContent = rec.verdict || "";
+  f("verdict").dataset.verdict = rec.verdict || "";
+  f("score").textContent = rec.score ? `(${rec.score.passed} / ${rec.score.total} passed)` : "";
+  const c = rec.compile;
+  f("compile-box").hidden = !c;
+  if (c) {
+    f("compile-summary").textContent = c.cached
+      ? "from the compile cache"
+      : `exit ${c.exit_code ?? "—"}, ${fmtMs(c.runtime_ms)}, ${fmtKb(c.memory_peak_kb)}`;
+    const text = [c.stdout, c.stderr].filter(Boolean).join("\n");
+    if (f("compile-stderr").textContent !== text) f("compile-stderr").textContent = text;
+  }
+  f("tests-box").hidden = tests.length === 0;
+  const rows = tests.map((t, i) => {
+    const verdict = t.verdict || (rec.status === "running" ? "…" : "—");
+    const shown = t.verdict && t.verdict !== "accepted" && t.verdict !== "skipped"
+      ? (t.stdout || t.stderr || "") : "";
+    return el("tr", {},
+      el("td", { text: String(i + 1) }),
+      el("td", { text: t.name || "" }),
+      el("td", {}, el("span", { class: "verdict", "data-verdict": t.verdict || "", text: verdict })),
+      el("td", { text: fmtMs(t.runtime_ms) }),
+      el("td", { text: fmtMs(t.cpu_ms) }),
+      el("td", { text: fmtKb(t.memory_peak_kb) }),
+      el("td", { class: "out", text: shown }));
+  });
+  f("tests").replaceChildren(...rows);
+}
+
 function progressText(rec) {
   switch (rec.status) {
     case "queued": return "waiting for a worker";
     case "running": {
+      const tests = rec.tests || [];
+      const judged = tests.filter((t) => t.verdict).length;
+      if (tests.length) return `test ${judged} of ${tests.length} judged`;
       // Seen starting here: this clock; opened while running: the server's start time.
       const here = startedHere.get(rec.eval_id);
       const t = here !== undefined ? here : Date.parse(rec.started_at);
