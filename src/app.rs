@@ -205,10 +205,11 @@ async fn build_executor(
             for (lang, why) in sandbox.unavailable() {
                 tracing::warn!(language = %lang, "{why}");
             }
-            sandbox
-                .self_test()
-                .await
-                .map_err(|e| anyhow!("the sandbox executor cannot run on this host: {e}"))?;
+            sandbox.self_test().await.map_err(|e| {
+                anyhow!(HostUnfit(format!(
+                    "the sandbox executor cannot run on this host: {e}"
+                )))
+            })?;
             let sandbox = Arc::new(sandbox);
             // Each toolchain's version, for /api/languages, asked in the background.
             let probe = sandbox.clone();
@@ -228,6 +229,20 @@ async fn build_executor(
     }
 }
 
+/// This host (or the unit around the process) cannot run evaluations as configured: a
+/// restart cannot fix it, so `serve` exits with EX_CONFIG (78), which the unit's
+/// RestartPreventExitStatus= turns into one clear failure instead of a restart loop.
+#[derive(Debug)]
+pub struct HostUnfit(pub String);
+
+impl std::fmt::Display for HostUnfit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for HostUnfit {}
+
 /// One cgroup per run if this host lets the appliance have one; else, loudly, rlimits and
 /// the memory watchdog (or a refusal to start with `[sandbox] require_cgroup`).
 fn containment(cfg: &Config, node: &str) -> anyhow::Result<Containment> {
@@ -245,10 +260,10 @@ fn containment(cfg: &Config, node: &str) -> anyhow::Result<Containment> {
                 delegated scope (`systemd-run --user --scope -p Delegate=yes crucible serve ...`), \
                 or as root";
             if cfg.sandbox.require_cgroup {
-                return Err(anyhow!(
+                return Err(anyhow!(HostUnfit(format!(
                     "no cgroup can be had for the runs ({why}), and [sandbox] require_cgroup = \
                      true refuses to run without one: {FIX}"
-                ));
+                ))));
             }
             tracing::warn!(
                 reason = %why,

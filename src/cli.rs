@@ -293,7 +293,11 @@ fn serve(a: ServeArgs) -> i32 {
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), "crucible failed");
                 eprintln!("crucible: {e:#}");
-                1
+                if e.downcast_ref::<crate::app::HostUnfit>().is_some() {
+                    EXIT_CONFIG
+                } else {
+                    1
+                }
             }
         }
     })

@@ -459,7 +459,7 @@ fn builtin_languages() -> BTreeMap<String, Language> {
         "python",
         Language::builtin(
             "main.py",
-            &["python3", "-I", "-B", "{file}"],
+            &["python3", "-E", "-s", "-B", "{file}"],
             "python3",
             "python:3.12-slim",
         )
@@ -512,6 +512,7 @@ fn builtin_languages() -> BTreeMap<String, Language> {
         &[
             "java",
             "-XX:MaxRAM={memory_mb}m",
+            "-XX:MaxRAMPercentage=100",
             "-XX:+UseSerialGC",
             "-XX:TieredStopAtLevel=1",
             "-cp",

@@ -356,7 +356,8 @@ async fn without_a_cgroup_it_says_so_and_the_watchdog_holds_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn require_cgroup_refuses_to_start_without_one() {
     let (code, log) = Server::start_refused("[sandbox]\nrequire_cgroup = true", true).await;
-    assert_ne!(code, 0, "{log}");
+    // EX_CONFIG: the unit's RestartPreventExitStatus=78 stops, rather than loops.
+    assert_eq!(code, 78, "{log}");
     assert!(
         log.contains("require_cgroup") && log.contains("Delegate=yes"),
         "the refusal says why and what to change:\n{log}"

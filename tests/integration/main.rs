@@ -12,6 +12,7 @@ mod corpus;
 mod crash;
 mod docker;
 mod hostile;
+mod judge;
 mod ops;
 mod postgres;
 mod redis_rr;
