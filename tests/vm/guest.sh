@@ -380,8 +380,12 @@ check_journald_fields() {
   if [ "$n" -ge 1 ]; then
     ok "journalctl -u crucible EVAL_ID=$EVAL_C: $n lines"
   else
+    local why="no line for EVAL_ID=$EVAL_C"
+    if journalctl -u crucible --no-pager -o cat "F_EVAL_ID=$EVAL_C" 2>/dev/null | grep -q .; then
+      why="$why, but F_EVAL_ID=$EVAL_C matches: the fields carry an F_ prefix"
+    fi
     not_ok "journalctl -u crucible EVAL_ID=<id of (c)> returns at least one line" \
-      "no line for EVAL_ID=$EVAL_C; the fields of the journal entries that carry the id:" \
+      "$why; the fields of the journal entries that carry the id:" \
       "$(journalctl -u crucible --no-pager -o json | grep -F "$EVAL_C" | head -2 \
          | python3 -c 'import json,sys
 for l in sys.stdin:
@@ -403,12 +407,14 @@ check_security_exposure() {
 }
 
 # h. systemctl stop with a running evaluation: it is recorded interrupted.
+EVAL_H=
 check_stop_while_running() {
   need_service "stop with a running evaluation" || return 0
   local id st t0 t1 rc
   id=$(api -X POST "$URL/api/eval" -H 'Content-Type: application/json' \
     -d '{"code": "import time\ntime.sleep(60)\n", "language": "python", "timeout": 120}' \
     | python3 -c 'import json,sys; print(json.load(sys.stdin)["eval_id"])' 2>&1)
+  EVAL_H=$id
   note "eval_id $id"
   if wait_until 20 eval "[ \"\$(eval_status $id)\" = running ]"; then
     ok "the 60 s sleep is running"
@@ -455,6 +461,12 @@ check_crash_restart() {
     ok "the earlier record ($EVAL_C) is still there, completed"
   else
     not_ok "the earlier record from (c) is still there, completed" "$(cat "$W/i_old.json")"
+  fi
+  if [ -n "$EVAL_H" ] && api "$URL/api/eval/$EVAL_H" > "$W/i_h.json" \
+     && [ "$(jv "$W/i_h.json" failure_reason)" = interrupted ]; then
+    ok "the record interrupted in (h) is still there, failed/interrupted"
+  else
+    not_ok "the record interrupted in (h) is still there, failed/interrupted" "$(cat "$W/i_h.json" 2>&1)"
   fi
   echo 'print("after the crash")' > "$W/i.py"
   submit i 10

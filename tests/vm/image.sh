@@ -61,7 +61,7 @@ ROOT=$BUILD/root
 
 say "debootstrap $SUITE (minbase) into $ROOT"
 debootstrap --variant=minbase \
-  --include=systemd,systemd-sysv,udev,dbus,kmod,procps,iproute2,python3,curl,init-system-helpers,e2fsprogs,util-linux \
+  --include=systemd,systemd-sysv,udev,dbus,kmod,procps,iproute2,python3,curl,e2fsprogs,util-linux \
   "$SUITE" "$ROOT" "$MIRROR" >"$BUILD/debootstrap.log" 2>&1 \
   || { tail -50 "$BUILD/debootstrap.log" >&2; say "debootstrap failed"; exit 1; }
 

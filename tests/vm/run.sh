@@ -97,6 +97,8 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 # The throwaway root: a qcow2 overlay on the cached raw image (opened read-only by qemu).
 qemu-img create -q -f qcow2 -F raw -b "$image/root.raw" "$work/root.qcow2"
