@@ -22,6 +22,13 @@ stage_deps() {
   local missing=() missing_vm=()
   [ -x /usr/bin/python3 ] || missing+=(python3)
   [ -x /bin/sh ] || missing+=(dash)
+  # The judging tests compile and run every built-in language with the host's toolchains.
+  command -v gcc >/dev/null || missing+=(gcc libc6-dev)
+  command -v g++ >/dev/null || missing+=(g++)
+  command -v node >/dev/null || missing+=(nodejs)
+  command -v javac >/dev/null || missing+=(default-jdk-headless)
+  command -v go >/dev/null || missing+=(golang-go)
+  [ -x /usr/bin/rustc ] || missing+=(rustc-web)
   command -v redis-server >/dev/null || missing+=(redis-server)
   command -v redis-benchmark >/dev/null || missing+=(redis-tools)
   # The PostgreSQL tests run their own cluster (initdb + pg_ctl) on a loopback port.
