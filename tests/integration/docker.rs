@@ -1277,3 +1277,95 @@ async fn docker_the_hostile_corpus_holds() {
     crate::hostile::run_corpus(&s).await;
     assert_server_still_fine(&s, &node).await;
 }
+
+/// The test image with a C compiler (tests/images.sh).
+fn gcc_image() -> String {
+    std::env::var("CRUCIBLE_TEST_GCC_IMAGE").unwrap_or_else(|_| "crucible-test-gcc:bookworm".into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_judges_a_compiled_language() {
+    // C compiled in one container, its /build carried as a frame to each test's own
+    // container; a second submission of the same program is a compile-cache hit. A
+    // compile step that plants links shows that nothing of /build is followed on the host.
+    let img = gcc_image();
+    let s = DockerServer::start(&docker_config(&format!(
+        "[languages.c]\nimage = \"{img}\"\n\
+         [languages.planted]\nfile = \"build.sh\"\ncompile = [\"sh\", \"{{file}}\"]\n\
+         run = [\"sh\", \"-c\", \"cat /build/real; cat /build/leak\"]\nimage = \"{img}\"\n"
+    )))
+    .await;
+    let node = node_id(&s).await;
+    let sum = "#include <stdio.h>\n#include \"lib/add.h\"\nint main(int c,char**v){long a,b;scanf(\"%ld %ld\",&a,&b);printf(\"%ld %s\\n\",add(a,b),v[1]);}\n";
+    let body = json!({
+        "language": "c",
+        "code": sum,
+        "files": [{"name": "lib/add.h", "content": "static long add(long a,long b){return a+b;}\n"}],
+        "args": ["x"],
+        "tests": [
+            {"stdin": "1 2", "expected_output": "3 x"},
+            {"stdin": "40 2", "expected_output": "42 x"},
+            {"stdin": "1 1", "expected_output": "3 x"},
+        ],
+    });
+    let id = s.submit(body.clone()).await;
+    let r = s.wait_terminal(&id).await;
+    assert_eq!(r["compile"]["exit_code"], 0, "{r:#}");
+    assert_eq!(r["compile"]["cached"], false, "{r:#}");
+    let verdicts: Vec<&str> = r["tests"]
+        .as_array()
+        .map(|t| t.iter().filter_map(|t| t["verdict"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(verdicts, ["accepted", "accepted", "wrong_answer"], "{r:#}");
+    assert_eq!(r["verdict"], "wrong_answer", "{r:#}");
+    assert_eq!(r["score"], json!({"passed": 2, "total": 3}));
+    let again = s.wait_terminal(&s.submit(body).await).await;
+    assert_eq!(again["compile"]["cached"], true, "{again:#}");
+    assert_eq!(again["score"], json!({"passed": 2, "total": 3}));
+
+    let broken =
+        json!({"language": "c", "code": "int main( {", "tests": [{"expected_output": ""}]});
+    let r = s.wait_terminal(&s.submit(broken).await).await;
+    assert_eq!(r["verdict"], "compile_error", "{r:#}");
+    assert!(
+        r["compile"]["stderr"]
+            .as_str()
+            .unwrap_or("")
+            .contains("error"),
+        "the compiler's message is kept: {r:#}"
+    );
+    let hog = json!({
+        "language": "c",
+        "code": "#include <stdlib.h>\n#include <string.h>\nint main(){for(;;){char*p=malloc(1<<20);if(!p)return 3;memset(p,1,1<<20);}}\n",
+        "limits": {"memory_mb": 64},
+        "tests": [{"expected_output": ""}],
+    });
+    let r = s.wait_terminal(&s.submit(hog).await).await;
+    assert_eq!(r["verdict"], "memory_limit", "{r:#}");
+
+    // Links planted in /build by the compile step: nothing of the host comes back.
+    let secret = format!("TOPSECRET-{}", std::process::id());
+    let secret_path =
+        std::env::temp_dir().join(format!("crucible-docker-secret-{}", std::process::id()));
+    std::fs::write(&secret_path, &secret).expect("secret");
+    let script = format!(
+        "set -e\nln -s {p} /build/leak\nln -s / /build/root\nmkfifo /build/fifo\necho real > /build/real\n",
+        p = secret_path.display()
+    );
+    let r = s
+        .wait_terminal(
+            &s.submit(json!({"language": "planted", "code": script, "tests": [{"expected_output": "real"}]}))
+                .await,
+        )
+        .await;
+    let _ = std::fs::remove_file(&secret_path);
+    assert_eq!(r["compile"]["exit_code"], 0, "{r:#}");
+    assert!(!r.to_string().contains(&secret), "the secret leaked: {r:#}");
+    assert_eq!(
+        r["tests"][0]["stdout"].as_str().map(str::trim_end),
+        Some("real"),
+        "{r:#}"
+    );
+    assert_no_containers_eventually(&s, &node, "after judging").await;
+    assert_server_still_fine(&s, &node).await;
+}
