@@ -55,6 +55,7 @@ pub async fn run(
         flush_window: Duration::from_micros(cfg.store.flush_window_us),
         max_batch: cfg.store.max_batch,
         node_id: cfg.node_id.clone(),
+        min_free_bytes: cfg.store.min_free_mb * 1024 * 1024,
     })
     .map_err(|e| anyhow!("{e}"))?;
     let mut runners = Vec::new();
@@ -81,6 +82,12 @@ pub async fn run(
     queue.start();
     let background = Runner::new(shutdown.clone());
     runners.extend([queue.runner(), relays.clone(), background.clone()]);
+    // Outlives the background group: space coming back must still reopen the store while
+    // the last results are recorded at shutdown.
+    relays.spawn(crate::store::DiskWatch::new(
+        store.clone(),
+        Duration::from_secs(1),
+    ));
 
     let addr = listener.local_addr()?;
     let addr_file = cfg.data_dir.join(ADDR_FILE);

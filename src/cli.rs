@@ -264,6 +264,26 @@ fn serve(a: ServeArgs) -> i32 {
             eprintln!("crucible: cannot install signal handlers: {e}");
             return 1;
         }
+        // A stop always ends: grace for the running evaluations plus 10 s for the rest.
+        // Whatever could not be written by then (a full or failing disk) is what a crash
+        // would leave: the store is consistent, and runs are recorded interrupted at the
+        // next start.
+        let limit = Duration::from_secs(cfg.shutdown_grace_secs + 10);
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            token.cancelled().await;
+            let _ = std::thread::Builder::new()
+                .name("stop-deadline".into())
+                .spawn(move || {
+                    std::thread::sleep(limit);
+                    tracing::error!(
+                        after_secs = limit.as_secs(),
+                        "shutdown did not finish in time; exiting now (the store is consistent)"
+                    );
+                    eprintln!("crucible: shutdown did not finish in time; exiting");
+                    std::process::exit(1);
+                });
+        });
         match crate::app::serve(cfg, shutdown).await {
             Ok(()) => 0,
             Err(e) => {

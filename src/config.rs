@@ -258,6 +258,22 @@ pub struct StoreConfig {
     pub flush_window_us: u64,
     /// Most writes applied and flushed as one batch.
     pub max_batch: usize,
+    /// Free space (MiB) the data dir's filesystem must keep. Below it new submissions
+    /// (HTTP and Redis request/reply) are refused with 507 `insufficient_storage` and no
+    /// new run is started, while running evaluations still record their results and sinks
+    /// still advance. Work resumes by itself once space is back. 0 turns the reserve off.
+    pub min_free_mb: u64,
+    /// Terminal evaluations (completed, failed, cancelled) older than this many seconds
+    /// are removed (record, status index, idempotency key), but only once every sink has
+    /// delivered all their events. 0 keeps them forever.
+    pub retain_evaluations_secs: u64,
+    /// At most this many evaluations are kept: beyond it the oldest terminal ones are
+    /// removed first (same conditions as above). 0: no limit.
+    pub max_evaluations: u64,
+    /// Rewrite the store into a fresh file when sled's file is larger than this many
+    /// times the live data (sled 0.34 never gives space back to the filesystem), checked
+    /// after each retention round. 0 never compacts.
+    pub compact_ratio: f64,
 }
 
 /// Outbox relays.
@@ -448,6 +464,10 @@ impl Default for StoreConfig {
             cache_mb: 16,
             flush_window_us: 0,
             max_batch: 256,
+            min_free_mb: 128,
+            retain_evaluations_secs: 0,
+            max_evaluations: 0,
+            compact_ratio: 0.0,
         }
     }
 }
@@ -795,6 +815,14 @@ impl Config {
         }
         if self.store.max_batch == 0 {
             return Err(invalid("store.max_batch", "must be at least 1"));
+        }
+        if !(self.store.compact_ratio == 0.0
+            || (self.store.compact_ratio.is_finite() && self.store.compact_ratio >= 1.5))
+        {
+            return Err(invalid(
+                "store.compact_ratio",
+                "must be 0 (never) or at least 1.5",
+            ));
         }
         if self.store.flush_window_us > 100_000 {
             return Err(invalid(

@@ -145,6 +145,10 @@ impl Service {
         if self.shutdown.is_cancelled() {
             return Err(ApiError::shutting_down());
         }
+        // The last measurement (at most a second old); the writer checks again.
+        if let Some(e) = self.store.space_error() {
+            return Err(e.into());
+        }
         Ok(())
     }
 

@@ -72,6 +72,7 @@ async fn setup(n: usize) -> (tempfile::TempDir, Arc<Store>) {
         flush_window: Duration::ZERO,
         max_batch: 64,
         node_id: Some("test-node".into()),
+        min_free_bytes: 0,
     })
     .expect("open");
     for i in 0..n {

@@ -4,7 +4,10 @@
 //! Seqs are assigned here and only here, so they are strictly increasing without gaps:
 //! a batch that fails to apply leaves no trace and its seqs are reused by the next one.
 
-use super::{keys, DeadLetter, Op, Pruned, Shared, StoreError, Submitted, Tx};
+use super::{
+    describe, keys, open_db, DeadLetter, Handles, Op, Pruned, Shared, Slot, StoreError, Submitted,
+    Tx,
+};
 use crate::events::{Confirmation, Event, EventType};
 use crate::model::{now, Evaluation, Finish, NewEvaluation, Status, TransitionError};
 use crate::ops::metrics::Histogram;
@@ -47,8 +50,13 @@ impl Default for WriterStats {
 }
 
 pub(super) struct Writer {
-    pub(super) db: sled::Db,
-    pub(super) tree: sled::Tree,
+    /// The open database; `None` after a failed write until it is reopened.
+    pub(super) h: Option<Handles>,
+    /// Where readers find it.
+    pub(super) slot: Slot,
+    pub(super) cache_bytes: u64,
+    /// New submissions are refused below this much free space.
+    pub(super) min_free_bytes: u64,
     pub(super) node: String,
     pub(super) shared: Arc<Shared>,
     pub(super) head_tx: watch::Sender<u64>,
@@ -59,6 +67,8 @@ pub(super) struct Writer {
     pub(super) last_seq: u64,
     /// Directory of the sled database (for backups).
     pub(super) path: std::path::PathBuf,
+    /// The old database could not be let go after a failed write: only a restart helps.
+    pub(super) wedged: bool,
 }
 
 /// The in-progress batch and the overlay of what it changes, so that two operations on
@@ -66,6 +76,8 @@ pub(super) struct Writer {
 struct Pending<'a> {
     tree: &'a sled::Tree,
     node: &'a str,
+    /// Set when free space is below the reserve: submissions are refused with it.
+    refuse_new: Option<StoreError>,
     batch: sled::Batch,
     evals: HashMap<String, Evaluation>,
     idem: HashMap<String, String>,
@@ -75,7 +87,12 @@ struct Pending<'a> {
     running: u64,
     pruned_upto: u64,
     events: u64,
+    /// Bytes of keys and values in the batch (to check there is room for it).
+    bytes: u64,
 }
+
+/// Room a batch needs beyond its own bytes: sled may start a new 512 KiB log segment.
+const SEGMENT_SLACK: u64 = 1024 * 1024;
 
 /// The answer to one operation, sent once the batch's flush is known: the flush error
 /// if it failed, else the operation's own result.
@@ -110,7 +127,9 @@ impl Writer {
             }
             self.commit(cmds);
         }
-        let _ = self.db.flush();
+        if let Some(h) = &self.h {
+            let _ = h.db.flush();
+        }
     }
 
     /// Take whatever else is pending, waiting up to the flush window for more.
@@ -135,9 +154,29 @@ impl Writer {
     }
 
     fn commit(&mut self, cmds: Vec<Op>) {
+        if self.h.is_none() {
+            if let Err(e) = self.reopen() {
+                return self.refuse_all(cmds, &e);
+            }
+        }
+        // Free space is checked for every batch that would add evaluations (one statvfs
+        // next to a flush): the reserve keeps room for results of running ones.
+        let refuse_new =
+            if self.min_free_bytes > 0 && cmds.iter().any(|op| matches!(op, Op::Submit { .. })) {
+                let free = super::space::free_bytes(&self.path).unwrap_or(u64::MAX);
+                self.shared.free_bytes.store(free, Ordering::SeqCst);
+                (free < self.min_free_bytes)
+                    .then(|| super::space::insufficient(free, self.min_free_bytes))
+            } else {
+                None
+            };
+        let Some(h) = self.h.clone() else {
+            return;
+        };
         let mut p = Pending {
-            tree: &self.tree,
+            tree: &h.tree,
             node: &self.node,
+            refuse_new,
             batch: sled::Batch::default(),
             evals: HashMap::new(),
             idem: HashMap::new(),
@@ -147,6 +186,7 @@ impl Writer {
             running: self.shared.running.load(Ordering::SeqCst),
             pruned_upto: 0,
             events: 0,
+            bytes: 0,
         };
         let mut answers: Vec<Answer> = Vec::with_capacity(cmds.len());
         let mut backups: Vec<(Tx<super::BackupInfo>, std::path::PathBuf)> = Vec::new();
@@ -163,14 +203,32 @@ impl Writer {
         }
         let (depth, running, events) = (p.depth, p.running, p.events);
         let batch = p.batch;
+        // sled must never meet a full disk: after a failed write it keeps the error
+        // forever and cannot even be closed cleanly. So a batch is applied only when the
+        // filesystem has room for it (its bytes twice, for the log and a rewrite of its
+        // pages, plus a new log segment); else it is refused before sled sees it, the
+        // store stays sound, and the same write succeeds once space is back.
+        if p.bytes > 0 {
+            if let Err(e) = self.ensure_room(p.bytes) {
+                for a in answers {
+                    a(Err(e.clone()));
+                }
+                for (reply, _) in backups {
+                    let _ = reply.send(Err(e.clone()));
+                }
+                self.shared.stats.errors.fetch_add(1, Ordering::Relaxed);
+                self.shared.batches_done.send_modify(|n| *n += 1);
+                return;
+            }
+        }
 
         let stats = &self.shared.stats;
         // Readers wait for the flush of anything they may see from here on.
         self.shared.applying.store(new_seq, Ordering::SeqCst);
-        let applied = self.tree.apply_batch(batch);
+        let applied = h.tree.apply_batch(batch);
         crate::ops::failpoint::hit("store.before_flush");
         let t = Instant::now();
-        let flushed = applied.and_then(|_| self.db.flush());
+        let flushed = applied.and_then(|_| h.db.flush());
         crate::ops::failpoint::hit("store.after_flush");
         stats.flush_seconds.observe(t.elapsed().as_secs_f64());
         stats.batches.fetch_add(1, Ordering::Relaxed);
@@ -203,15 +261,21 @@ impl Writer {
             Err(e) => {
                 // The batch may or may not be on disk. Nobody is told "ok"; callers retry
                 // (submissions with an Idempotency-Key get the same id back).
-                let msg = format!("store write failed: {e}");
-                tracing::error!(error = %e, "store batch failed");
+                let msg = format!("store write failed: {}", describe(&e));
+                tracing::error!(error = %msg, "store batch failed");
                 stats.errors.fetch_add(1, Ordering::Relaxed);
                 self.shared.healthy.store(false, Ordering::SeqCst);
                 if let Ok(mut last) = self.shared.last_error.lock() {
                     *last = Some(msg.clone());
                 }
-                // Re-read what is actually there so counters and seqs stay truthful.
-                self.resync();
+                // sled keeps an I/O error forever: every later write would fail with it.
+                // Drop the database and open it again (now, or at the next operation or
+                // DiskWatch ping): what it then holds is what the disk holds, exactly as
+                // after a crash, and counters and seqs are recounted from it.
+                drop(h);
+                if let Err(e) = self.reopen() {
+                    tracing::warn!(error = %e, "the store cannot be reopened yet; retrying every second");
+                }
                 // Nothing more is coming for this batch: readers stop waiting for it.
                 let head = self.shared.head.load(Ordering::SeqCst);
                 self.shared.applying.store(head, Ordering::SeqCst);
@@ -288,9 +352,129 @@ impl Writer {
         Ok(info)
     }
 
+    /// Whether the filesystem has room for a batch of `bytes`. Below that, the ballast
+    /// file kept for this moment is given back first; if that is not enough either, the
+    /// batch is refused.
+    fn ensure_room(&mut self, bytes: u64) -> Result<(), StoreError> {
+        let need = bytes.saturating_mul(2) + SEGMENT_SLACK;
+        let mut free = super::space::free_bytes(&self.path).unwrap_or(u64::MAX);
+        if free < need && super::space::release_ballast(&self.path) {
+            tracing::warn!(
+                free_bytes = free,
+                "the disk is nearly full: released the store's ballast to finish writes"
+            );
+            free = super::space::free_bytes(&self.path).unwrap_or(u64::MAX);
+        }
+        self.shared.free_bytes.store(free, Ordering::SeqCst);
+        if free < need {
+            let msg = format!(
+                "no space left for this write on the data dir's filesystem ({} KiB free, \
+                 {} KiB needed); it was refused before reaching the store and will succeed \
+                 once space is freed",
+                free / 1024,
+                need.div_ceil(1024)
+            );
+            if let Ok(mut last) = self.shared.last_error.lock() {
+                *last = Some(msg.clone());
+            }
+            return Err(StoreError::Storage(msg));
+        }
+        Ok(())
+    }
+
+    /// Drop the database (readers see "reopening" meanwhile) and open it again; then
+    /// recount, and announce whatever the disk holds as durable.
+    fn reopen(&mut self) -> Result<(), StoreError> {
+        let old = self.h.take();
+        let shared_old = self.slot.write().ok().and_then(|mut slot| slot.take());
+        if old.is_some() || shared_old.is_some() {
+            // Dropping a database after a failed write flushes what it still holds,
+            // which may wait for a write that never completes: drop it on a thread of
+            // its own and wait a bounded time for it (and its file lock) to go.
+            let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+            let _ = std::thread::Builder::new()
+                .name("store-drop".into())
+                .spawn(move || {
+                    drop(old);
+                    drop(shared_old);
+                    let _ = done_tx.send(());
+                });
+            if done_rx.recv_timeout(Duration::from_secs(3)).is_err() {
+                self.wedged = true;
+            }
+        }
+        if self.wedged {
+            return Err(StoreError::Storage(
+                "the store cannot be reopened in this process after a failed write (sled \
+                 still holds the database); the appliance must be restarted"
+                    .into(),
+            ));
+        }
+        // sled's own threads let go of the dropped database a moment later.
+        let mut attempt = 0;
+        let h = loop {
+            match open_db(&self.path, self.cache_bytes) {
+                Ok(h) => break h,
+                Err(e) if attempt < 100 && e.to_string().contains("could not acquire lock") => {
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => {
+                    return Err(StoreError::Storage(format!(
+                        "the store cannot be reopened: {}",
+                        describe(&e)
+                    )))
+                }
+            }
+        };
+        self.h = Some(h.clone());
+        self.resync();
+        let head = self.last_seq;
+        self.shared.head.store(head, Ordering::SeqCst);
+        self.shared.applying.store(head, Ordering::SeqCst);
+        self.head_tx.send_if_modified(|x| {
+            let changed = *x != head;
+            *x = head;
+            changed
+        });
+        if let Ok(mut slot) = self.slot.write() {
+            *slot = Some(h);
+        }
+        self.shared.reopens.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(head_seq = head, "store reopened after a failed write");
+        Ok(())
+    }
+
+    /// Answer every operation of a batch that cannot be applied (the database is not
+    /// open). A ping still succeeds: the writer is alive (the systemd watchdog must not
+    /// restart a service that is only waiting for disk space).
+    fn refuse_all(&mut self, cmds: Vec<Op>, e: &StoreError) {
+        for op in cmds {
+            match op {
+                Op::Submit { reply, .. } => drop(reply.send(Err(e.clone()))),
+                Op::Start { reply, .. } | Op::Finish { reply, .. } => {
+                    drop(reply.send(Err(e.clone())))
+                }
+                Op::Cancel { reply, .. } => drop(reply.send(Err(e.clone()))),
+                Op::InterruptRunning { reply } => drop(reply.send(Err(e.clone()))),
+                Op::SetCursor { reply, .. }
+                | Op::Confirm { reply, .. }
+                | Op::DeadLetter { reply, .. } => drop(reply.send(Err(e.clone()))),
+                Op::Prune { reply, .. } => drop(reply.send(Err(e.clone()))),
+                Op::Replay { reply, .. } => drop(reply.send(Err(e.clone()))),
+                Op::Backup { reply, .. } => drop(reply.send(Err(e.clone()))),
+                // A wedged store fails the watchdog's ping: systemd restarts the service.
+                Op::Ping { reply } if self.wedged => drop(reply.send(Err(e.clone()))),
+                Op::Ping { reply } | Op::Shutdown { reply } => drop(reply.send(Ok(()))),
+            }
+        }
+        self.shared.batches_done.send_modify(|n| *n += 1);
+    }
+
     /// After a failed batch: recompute the last seq and the counters from the tree.
     fn resync(&mut self) {
-        match super::recount(&self.tree) {
+        let Some(h) = &self.h else { return };
+        match super::recount(&h.tree) {
             Ok(c) => {
                 self.last_seq = c.head.max(self.last_seq);
                 self.shared.queue_depth.store(c.queued, Ordering::SeqCst);
@@ -389,6 +573,7 @@ impl Pending<'_> {
             keys::status(rec.status.code(), rec.created_seq),
             rec.eval_id.as_bytes(),
         );
+        self.bytes += rec_json.len() as u64 + 64;
         self.batch.insert(keys::eval(&rec.eval_id), rec_json);
         let id = rec.eval_id.clone();
         self.evals.entry(id).insert_entry(rec).into_mut()
@@ -410,6 +595,7 @@ impl Pending<'_> {
             },
             rec_json,
         );
+        self.bytes += event_json.len() as u64 + 16;
         self.batch.insert(keys::log(seq), event_json);
         self.events += 1;
         seq
@@ -449,6 +635,10 @@ impl Pending<'_> {
                     }]);
                 }
             }
+        }
+        // A retry of an accepted submission still finds it; only new ones are refused.
+        if let Some(e) = &self.refuse_new {
+            return Err(e.clone());
         }
         let n = evals.len() as u64;
         if self.depth + n > max_queued {
@@ -566,7 +756,9 @@ impl Pending<'_> {
             dead_at: now(),
             event,
         };
-        self.batch.insert(keys::dead(sink, seq), json(&dl));
+        let dl = json(&dl);
+        self.bytes += dl.len() as u64 + 64;
+        self.batch.insert(keys::dead(sink, seq), dl);
         let cur = self.cursor_of(sink)?.unwrap_or(0);
         if seq > cur {
             self.put_cursor(sink, seq);

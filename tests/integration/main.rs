@@ -8,6 +8,7 @@ mod cli;
 mod common;
 mod containment;
 mod crash;
+mod disk;
 mod docker;
 mod hostile;
 mod ops;
