@@ -114,6 +114,12 @@ pub async fn run(
         accepted: std::sync::atomic::AtomicU64::new(0),
     });
     if let Some(r) = &sinks.redis {
+        background.spawn(crate::redis::RedisProbe(r.clone()));
+    }
+    if let Some(pg) = &sinks.postgres {
+        background.spawn(crate::sinks::postgres::PostgresProbe(pg.clone()));
+    }
+    if let Some(r) = &sinks.redis {
         if !cfg.redis.request_channel.is_empty() {
             match Responder::new(r.clone(), service.clone()) {
                 Ok(responder) => background.spawn(responder),
@@ -244,6 +250,7 @@ struct Sinks {
     sinks: Vec<Arc<dyn Sink>>,
     reporters: Vec<Arc<dyn Report>>,
     redis: Option<Arc<Redis>>,
+    postgres: Option<Arc<Postgres>>,
 }
 
 fn build_sinks(cfg: &Config) -> anyhow::Result<Sinks> {
@@ -251,12 +258,16 @@ fn build_sinks(cfg: &Config) -> anyhow::Result<Sinks> {
     if let Some(f) = &cfg.sinks.file {
         sinks.push(Arc::new(FileSink::open(&f.path).map_err(|e| anyhow!(e))?));
     }
-    let postgres: Arc<dyn Report> = match &cfg.postgres.url {
+    let pg = match &cfg.postgres.url {
         Some(_) => {
             let pg = Postgres::new(&cfg.postgres).map_err(|e| anyhow!(e))?;
             sinks.push(Arc::new(PostgresSink::new(pg.clone())));
-            pg
+            Some(pg)
         }
+        None => None,
+    };
+    let postgres: Arc<dyn Report> = match &pg {
+        Some(p) => p.clone(),
         None => Arc::new(NotConfigured("postgres")),
     };
     let redis = match &cfg.redis.url {
@@ -275,6 +286,7 @@ fn build_sinks(cfg: &Config) -> anyhow::Result<Sinks> {
         sinks,
         reporters: vec![redis_report, postgres],
         redis,
+        postgres: pg,
     })
 }
 
