@@ -74,7 +74,12 @@ pub async fn run(
     }
 
     let sinks = build_sinks(&cfg)?;
-    let outbox = Outbox::new(store.clone(), cfg.outbox.clone(), sinks.sinks);
+    let outbox = Outbox::new(
+        store.clone(),
+        cfg.outbox.clone(),
+        (cfg.store.retain_evaluations_secs, cfg.store.max_evaluations),
+        sinks.sinks,
+    );
     let queue = Queue::new(store.clone(), executor.clone(), cfg.clone());
     // Relays outlive the queue at shutdown: the last results must still be delivered.
     let relays = Runner::new(CancellationToken::new());

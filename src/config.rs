@@ -270,10 +270,6 @@ pub struct StoreConfig {
     /// At most this many evaluations are kept: beyond it the oldest terminal ones are
     /// removed first (same conditions as above). 0: no limit.
     pub max_evaluations: u64,
-    /// Rewrite the store into a fresh file when sled's file is larger than this many
-    /// times the live data (sled 0.34 never gives space back to the filesystem), checked
-    /// after each retention round. 0 never compacts.
-    pub compact_ratio: f64,
 }
 
 /// Outbox relays.
@@ -467,7 +463,6 @@ impl Default for StoreConfig {
             min_free_mb: 128,
             retain_evaluations_secs: 0,
             max_evaluations: 0,
-            compact_ratio: 0.0,
         }
     }
 }
@@ -815,14 +810,6 @@ impl Config {
         }
         if self.store.max_batch == 0 {
             return Err(invalid("store.max_batch", "must be at least 1"));
-        }
-        if !(self.store.compact_ratio == 0.0
-            || (self.store.compact_ratio.is_finite() && self.store.compact_ratio >= 1.5))
-        {
-            return Err(invalid(
-                "store.compact_ratio",
-                "must be 0 (never) or at least 1.5",
-            ));
         }
         if self.store.flush_window_us > 100_000 {
             return Err(invalid(

@@ -107,7 +107,7 @@ async fn until(what: &str, f: impl Fn() -> bool) {
 }
 
 fn run(store: &Arc<Store>, sink: Arc<Scripted>) -> (Arc<Outbox>, Arc<Runner>) {
-    let outbox = Outbox::new(store.clone(), cfg(), vec![sink as Arc<dyn Sink>]);
+    let outbox = Outbox::new(store.clone(), cfg(), (0, 0), vec![sink as Arc<dyn Sink>]);
     let runner = Runner::new(CancellationToken::new());
     outbox.start(&runner);
     (outbox, runner)
@@ -256,7 +256,12 @@ async fn pruning_waits_for_every_sink_and_the_window() {
     let mut c = cfg();
     c.retain_secs = 0;
     let sink = Arc::new(Scripted::default());
-    let outbox = Outbox::new(store.clone(), c, vec![sink.clone() as Arc<dyn Sink>]);
+    let outbox = Outbox::new(
+        store.clone(),
+        c,
+        (0, 0),
+        vec![sink.clone() as Arc<dyn Sink>],
+    );
     // Nothing delivered yet: nothing may be pruned.
     assert_eq!(outbox.prune_once().await.expect("prune"), 0);
     let runner = Runner::new(CancellationToken::new());

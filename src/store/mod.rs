@@ -229,6 +229,15 @@ pub(crate) enum Op {
         from_seq: u64,
         reply: Tx<u64>,
     },
+    PruneEvaluations {
+        sinks: Vec<String>,
+        /// Terminal before this (RFC 3339); `None`: age does not count.
+        older_than: Option<String>,
+        /// Keep at most this many evaluations (0: no limit).
+        keep: u64,
+        max: usize,
+        reply: Tx<u64>,
+    },
     /// Liveness check of the writer (the systemd watchdog).
     Ping {
         reply: Tx<()>,
@@ -268,6 +277,10 @@ pub struct Shared {
     pub batches_done: watch::Sender<u64>,
     pub queue_depth: AtomicU64,
     pub running: AtomicU64,
+    /// Evaluations stored (every status).
+    pub evaluations: AtomicU64,
+    /// Evaluations removed by retention.
+    pub evaluations_pruned: AtomicU64,
     pub healthy: AtomicBool,
     pub last_error: Mutex<Option<String>>,
     pub stats: WriterStats,
@@ -345,6 +358,9 @@ impl Store {
                         keys::SCHEMA_VERSION
                     )));
                 }
+                if found < 2 {
+                    upgrade_to_2(&tree)?;
+                }
             }
             None => {
                 tree.insert(keys::META_SCHEMA, &keys::SCHEMA_VERSION.to_be_bytes())?;
@@ -372,6 +388,9 @@ impl Store {
         shared.applying.store(counts.head, Ordering::SeqCst);
         shared.queue_depth.store(counts.queued, Ordering::SeqCst);
         shared.running.store(counts.running, Ordering::SeqCst);
+        shared
+            .evaluations
+            .store(counts.evaluations, Ordering::SeqCst);
         shared.healthy.store(true, Ordering::SeqCst);
         shared.free_bytes.store(
             space::free_bytes(&opts.path).unwrap_or(u64::MAX),
@@ -545,6 +564,32 @@ impl Store {
             reply,
         })
         .await
+    }
+
+    /// Remove up to `max` terminal evaluations, oldest first (by their terminal event):
+    /// those that ended before `older_than`, or beyond the newest `keep`; only when every
+    /// listed sink has delivered their terminal event. Record, status index, retention
+    /// index and idempotency key go in one batch. Returns how many.
+    pub async fn prune_evaluations(
+        &self,
+        sinks: Vec<String>,
+        older_than: Option<String>,
+        keep: u64,
+        max: usize,
+    ) -> Result<u64, StoreError> {
+        self.call(|reply| Op::PruneEvaluations {
+            sinks,
+            older_than,
+            keep,
+            max,
+            reply,
+        })
+        .await
+    }
+
+    /// Evaluations stored.
+    pub fn evaluation_count(&self) -> u64 {
+        self.shared.evaluations.load(Ordering::SeqCst)
     }
 
     /// Move `sink`'s cursor back so delivery restarts at `from_seq` (within the window).
@@ -872,12 +917,46 @@ impl Store {
     }
 }
 
+/// Layout 1 -> 2: index the terminal evaluations for retention (in one group after
+/// everything already logged, since the seq of their terminal event is not known) and
+/// the idempotency keys by evaluation. One atomic batch, then the layout version.
+fn upgrade_to_2(tree: &sled::Tree) -> Result<(), StoreError> {
+    let head = tree
+        .get(keys::META_HEAD)?
+        .and_then(|v| keys::tail_u64(&v))
+        .unwrap_or(0);
+    let mut batch = sled::Batch::default();
+    let mut n = 0u64;
+    for st in [Status::Completed, Status::Failed, Status::Cancelled] {
+        for item in tree.scan_prefix(keys::status_prefix(st.code())) {
+            let (_, id) = item?;
+            batch.insert(keys::terminal(head, &String::from_utf8_lossy(&id)), &[]);
+            n += 1;
+        }
+    }
+    for item in tree.scan_prefix(keys::IDEM) {
+        let (k, id) = item?;
+        batch.insert(
+            keys::idem_of(&String::from_utf8_lossy(&id)),
+            &k[keys::IDEM.len()..],
+        );
+    }
+    batch.insert(keys::META_SCHEMA, &keys::SCHEMA_VERSION.to_be_bytes());
+    tree.apply_batch(batch)?;
+    tracing::info!(
+        terminal = n,
+        "store layout upgraded to 2 (retention indexes)"
+    );
+    Ok(())
+}
+
 /// Counters derived from the tree: the last seq ever assigned and how many evaluations
 /// are queued and running.
 struct Counts {
     head: u64,
     queued: u64,
     running: u64,
+    evaluations: u64,
 }
 
 /// Recompute [`Counts`] from the tree (at open, and after a failed batch). The head is
@@ -896,6 +975,7 @@ fn recount(tree: &sled::Tree) -> Result<Counts, StoreError> {
         head,
         queued: count(Status::Queued),
         running: count(Status::Running),
+        evaluations: tree.scan_prefix(keys::STATUS).count() as u64,
     })
 }
 
@@ -932,6 +1012,8 @@ impl Report for Store {
                 "min_free_bytes": self.min_free_bytes,
                 "low_space": low,
                 "reopens": self.shared.reopens.load(Ordering::Relaxed),
+                "evaluations": self.evaluation_count(),
+                "evaluations_pruned": self.shared.evaluations_pruned.load(Ordering::Relaxed),
                 "last_error": self.shared.last_error.lock().ok().and_then(|e| e.clone()),
             });
             // Low on space: reads, results and deliveries go on; only new work waits.
@@ -975,6 +1057,16 @@ impl Report for Store {
             "crucible_store_min_free_bytes",
             "The reserve ([store] min_free_mb): below it new evaluations are refused.",
             self.min_free_bytes as f64,
+        );
+        e.gauge(
+            "crucible_store_evaluations",
+            "Evaluations stored (every status).",
+            self.evaluation_count() as f64,
+        );
+        e.counter(
+            "crucible_store_evaluations_pruned_total",
+            "Terminal evaluations removed by retention.",
+            s.evaluations_pruned.load(Ordering::Relaxed),
         );
         e.counter(
             "crucible_store_reopens_total",

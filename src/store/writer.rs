@@ -85,6 +85,9 @@ struct Pending<'a> {
     next_seq: u64,
     depth: u64,
     running: u64,
+    /// Evaluations stored, and how many this batch removed.
+    evaluations: u64,
+    evaluations_pruned: u64,
     pruned_upto: u64,
     events: u64,
     /// Bytes of keys and values in the batch (to check there is room for it).
@@ -184,6 +187,8 @@ impl Writer {
             next_seq: self.last_seq,
             depth: self.shared.queue_depth.load(Ordering::SeqCst),
             running: self.shared.running.load(Ordering::SeqCst),
+            evaluations: self.shared.evaluations.load(Ordering::SeqCst),
+            evaluations_pruned: 0,
             pruned_upto: 0,
             events: 0,
             bytes: 0,
@@ -202,6 +207,7 @@ impl Writer {
             p.batch.insert(keys::META_HEAD, &new_seq.to_be_bytes());
         }
         let (depth, running, events) = (p.depth, p.running, p.events);
+        let (evaluations, evaluations_pruned) = (p.evaluations, p.evaluations_pruned);
         let batch = p.batch;
         // sled must never meet a full disk: after a failed write it keeps the error
         // forever and cannot even be closed cleanly. So a batch is applied only when the
@@ -240,6 +246,10 @@ impl Writer {
                 self.last_seq = new_seq;
                 self.shared.queue_depth.store(depth, Ordering::SeqCst);
                 self.shared.running.store(running, Ordering::SeqCst);
+                self.shared.evaluations.store(evaluations, Ordering::SeqCst);
+                self.shared
+                    .evaluations_pruned
+                    .fetch_add(evaluations_pruned, Ordering::Relaxed);
                 self.shared.head.store(new_seq, Ordering::SeqCst);
                 self.shared.healthy.store(true, Ordering::SeqCst);
                 stats.events.fetch_add(events, Ordering::Relaxed);
@@ -462,6 +472,7 @@ impl Writer {
                 | Op::DeadLetter { reply, .. } => drop(reply.send(Err(e.clone()))),
                 Op::Prune { reply, .. } => drop(reply.send(Err(e.clone()))),
                 Op::Replay { reply, .. } => drop(reply.send(Err(e.clone()))),
+                Op::PruneEvaluations { reply, .. } => drop(reply.send(Err(e.clone()))),
                 Op::Backup { reply, .. } => drop(reply.send(Err(e.clone()))),
                 // A wedged store fails the watchdog's ping: systemd restarts the service.
                 Op::Ping { reply } if self.wedged => drop(reply.send(Err(e.clone()))),
@@ -479,6 +490,9 @@ impl Writer {
                 self.last_seq = c.head.max(self.last_seq);
                 self.shared.queue_depth.store(c.queued, Ordering::SeqCst);
                 self.shared.running.store(c.running, Ordering::SeqCst);
+                self.shared
+                    .evaluations
+                    .store(c.evaluations, Ordering::SeqCst);
             }
             Err(e) => tracing::error!(error = %e, "cannot recount the store"),
         }
@@ -533,6 +547,16 @@ impl Pending<'_> {
                 from_seq,
                 reply,
             } => answer(reply, self.replay(&sink, from_seq)),
+            Op::PruneEvaluations {
+                sinks,
+                older_than,
+                keep,
+                max,
+                reply,
+            } => answer(
+                reply,
+                self.prune_evaluations(&sinks, older_than.as_deref(), keep, max),
+            ),
             Op::Shutdown { reply } | Op::Ping { reply } => answer(reply, Ok(())),
             Op::Backup { reply, .. } => answer(
                 reply,
@@ -563,7 +587,10 @@ impl Pending<'_> {
             rec.created_seq = self.next_seq + 1;
         }
         let rec_json = json(&rec);
-        self.append_event(kind, &rec, &rec_json);
+        let seq = self.append_event(kind, &rec, &rec_json);
+        if rec.status.is_terminal() && prev.is_some_and(|p| !p.is_terminal()) {
+            self.batch.insert(keys::terminal(seq, &rec.eval_id), &[]);
+        }
         if let Some(old) = prev {
             if old != rec.status {
                 self.batch.remove(keys::status(old.code(), rec.created_seq));
@@ -661,6 +688,7 @@ impl Pending<'_> {
             let id = rec.eval_id.clone();
             self.put(rec, None, kind);
             self.depth += 1;
+            self.evaluations += 1;
             out.push(Submitted {
                 eval_id: id,
                 status: Status::Queued,
@@ -670,6 +698,8 @@ impl Pending<'_> {
         if let (Some(key), Some(first)) = (idem_key, out.first()) {
             self.batch
                 .insert(keys::idem(&key), first.eval_id.as_bytes());
+            self.batch
+                .insert(keys::idem_of(&first.eval_id), key.as_bytes());
             self.idem.insert(key, first.eval_id.clone());
         }
         Ok(out)
@@ -815,6 +845,70 @@ impl Pending<'_> {
         }
         let oldest = self.oldest()?;
         Ok(Pruned { removed, oldest })
+    }
+
+    fn prune_evaluations(
+        &mut self,
+        sinks: &[String],
+        older_than: Option<&str>,
+        keep: u64,
+        max: usize,
+    ) -> Result<u64, StoreError> {
+        // Everything up to `floor` has reached every sink.
+        let oldest = self.oldest()?;
+        let mut floor = self.next_seq;
+        for s in sinks {
+            let c = self.cursor_of(s)?.unwrap_or(oldest.saturating_sub(1));
+            floor = floor.min(c);
+        }
+        let mut removed = 0u64;
+        for item in self.tree.scan_prefix(keys::TERMINAL) {
+            if removed as usize >= max {
+                break;
+            }
+            let (k, _) = item?;
+            let rest = &k[keys::TERMINAL.len()..];
+            if rest.len() < 8 {
+                continue;
+            }
+            let seq = keys::tail_u64(&rest[..8]).unwrap_or(u64::MAX);
+            if seq > floor {
+                break; // not delivered everywhere yet; nor is anything after it
+            }
+            let id = String::from_utf8_lossy(&rest[8..]).to_string();
+            let Some(rec) = self.load(&id)? else {
+                // A record already gone: drop its index entry.
+                self.batch.remove(k);
+                continue;
+            };
+            let over = keep > 0 && self.evaluations > keep;
+            let old =
+                older_than.is_some_and(|t| rec.completed_at.as_deref().is_some_and(|c| c < t));
+            if !(over || old) {
+                break; // everything after it ended later
+            }
+            self.batch.remove(keys::eval(&id));
+            self.batch
+                .remove(keys::status(rec.status.code(), rec.created_seq));
+            self.batch.remove(k);
+            if let Some(key) = self.tree.get(keys::idem_of(&id))? {
+                let ik = keys::idem(&String::from_utf8_lossy(&key));
+                if self
+                    .tree
+                    .get(&ik)?
+                    .is_some_and(|v| v.as_ref() == id.as_bytes())
+                {
+                    self.batch.remove(ik);
+                }
+                self.batch.remove(keys::idem_of(&id));
+            }
+            self.evals.remove(&id);
+            self.evaluations = self.evaluations.saturating_sub(1);
+            self.evaluations_pruned += 1;
+            self.bytes += 64;
+            removed += 1;
+        }
+        Ok(removed)
     }
 
     fn replay(&mut self, sink: &str, from_seq: u64) -> Result<u64, StoreError> {
