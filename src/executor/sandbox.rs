@@ -213,7 +213,7 @@ impl SandboxExecutor {
         }
     }
 
-    fn spec(&self, r: &Resolved, job: &Job) -> Spec {
+    fn spec(&self, r: &Resolved, job: &Job, run_dir: &Path) -> Spec {
         let secs = job.timeout.as_secs_f64().ceil() as u64;
         let cpu_secs = (job.limits.cpu_ms.div_ceil(1000)).min(secs.max(1));
         let memory = job.limits.memory_mb * 1024 * 1024;
@@ -234,7 +234,7 @@ impl SandboxExecutor {
             parent_pid: std::process::id(),
             uid: self.uid,
             gid: self.gid,
-            work_dir: self.work_dir.clone(),
+            work_dir: run_dir.to_path_buf(),
             ro_dirs: self.ro_dirs.clone(),
             etc_files: self.etc_files.clone(),
             code_file: r.file.clone(),
@@ -276,7 +276,16 @@ impl SandboxExecutor {
 
     async fn run_resolved(&self, r: &Resolved, job: &Job, cancel: CancellationToken) -> RunOutput {
         let started = Instant::now();
-        let spec = match serde_json::to_vec(&self.spec(r, job)) {
+        // Each run builds its root in a directory of its own, removed here after the run
+        // whatever happened: a helper killed at a timeout or a cancel cannot clean up.
+        let run_dir = match RunDir::create(&self.work_dir, self.uid, self.gid) {
+            Ok(d) => d,
+            Err(e) => {
+                self.note_error(&e);
+                return RunOutput::executor_error(e, started.elapsed());
+            }
+        };
+        let spec = match serde_json::to_vec(&self.spec(r, job, &run_dir.0)) {
             Ok(s) => s,
             Err(e) => return RunOutput::executor_error(format!("spec: {e}"), started.elapsed()),
         };
@@ -687,6 +696,43 @@ fn resolve_program(program: &str, path: &str, ro_dirs: &[String]) -> Option<Stri
         .map(|d| Path::new(d).join(program))
         .find(|p| visible(p) && is_exec(p))
         .map(|p| p.to_string_lossy().to_string())
+}
+
+/// A run's own directory under the work dir (the helper builds the sandbox root in it),
+/// removed when dropped, in the background.
+struct RunDir(PathBuf);
+
+impl RunDir {
+    fn create(work_dir: &Path, uid: u32, gid: u32) -> Result<RunDir, String> {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = work_dir.join(format!("run-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            if let Err(e) = std::os::unix::fs::chown(&dir, Some(uid), Some(gid)) {
+                let _ = std::fs::remove_dir(&dir);
+                return Err(format!("cannot hand {} to uid {uid}: {e}", dir.display()));
+            }
+        }
+        Ok(RunDir(dir))
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        // remove_dir_all does not follow symlinks placed in the tree.
+        let dir = std::mem::take(&mut self.0);
+        let remove = move || {
+            let _ = std::fs::remove_dir_all(&dir);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => drop(h.spawn_blocking(remove)),
+            Err(_) => remove(),
+        }
+    }
 }
 
 /// Create the work directory, owned by the sandbox user when we are root, and remove

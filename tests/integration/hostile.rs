@@ -274,3 +274,46 @@ async fn cancel_kills_a_running_evaluation_and_frees_its_slot() {
     assert_eq!(server.record(&id).await["status"], "cancelled");
     assert_server_still_fine(&server).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_that_time_out_or_are_cancelled_leave_no_sandbox_root() {
+    let s = crate::common::Server::start("workers = 2").await;
+    let node = s.health().await["node"].as_str().expect("node").to_string();
+    // As root the roots live in a per-node directory under the system temp dir; else in
+    // the data dir.
+    let work = if unsafe { libc::geteuid() } == 0 {
+        std::env::temp_dir().join(format!("crucible-sandbox-{node}"))
+    } else {
+        s.data_dir().join("sandbox")
+    };
+    let timed_out = s
+        .run(serde_json::json!({"code": "import time; time.sleep(30)", "timeout": 1}))
+        .await;
+    assert_eq!(timed_out["failure_reason"], "timeout", "{timed_out}");
+    let id = s
+        .submit(serde_json::json!({"code": "import time; time.sleep(30)", "timeout": 60}))
+        .await;
+    s.wait_status(&id, "running").await;
+    let r = s
+        .post(&format!("/api/eval/{id}/cancel"), &serde_json::json!({}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let ok = s.run_py("print(1)", 5.0).await;
+    assert_eq!(ok["status"], "completed");
+    assert!(work.is_dir(), "{} is the sandbox work dir", work.display());
+    let started = std::time::Instant::now();
+    loop {
+        let left: Vec<_> = std::fs::read_dir(&work)
+            .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            started.elapsed() < crate::common::DEADLINE,
+            "sandbox roots left in {}: {left:?}",
+            work.display()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
