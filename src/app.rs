@@ -109,8 +109,13 @@ pub async fn run(
         "crucible is ready"
     );
 
+    let live = Arc::new(crate::ops::reload::LiveConfig::new(cfg.clone()));
+    if let Err(e) = crate::ops::reload::on_sighup(live.clone(), cfg.source.clone()) {
+        tracing::warn!(error = %e, "cannot listen for SIGHUP: reload is off");
+    }
     let service = Arc::new(Service {
         cfg: cfg.clone(),
+        live,
         store: store.clone(),
         executor: executor.clone(),
         queue: queue.clone(),

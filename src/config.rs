@@ -117,6 +117,9 @@ pub struct Config {
     pub postgres: PostgresConfig,
     /// The Docker executor (`executor = "docker"`).
     pub docker: DockerConfig,
+    /// The file this configuration was loaded from (re-read on reload); not a key.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// `[docker]`: one hardened container per evaluation.
@@ -420,6 +423,7 @@ impl Default for Config {
             redis: RedisConfig::default(),
             postgres: PostgresConfig::default(),
             docker: DockerConfig::default(),
+            source: None,
         }
     }
 }
@@ -535,6 +539,7 @@ impl Config {
             Some(p) => Self::from_file(p)?,
             None => Config::default(),
         };
+        cfg.source = path.map(|p| p.to_path_buf());
         cfg.apply_env(env)?;
         if let Some(l) = overrides.listen {
             cfg.listen = l;

@@ -33,6 +33,9 @@ pub const DEFAULT_PAGE: usize = 20;
 /// The appliance's operations.
 pub struct Service {
     pub cfg: Arc<Config>,
+    /// The configuration as reloaded (token, limits, max_queued, log level); `cfg` is as
+    /// started.
+    pub live: Arc<crate::ops::reload::LiveConfig>,
     pub store: Arc<Store>,
     pub executor: Arc<dyn Executor>,
     pub queue: Arc<Queue>,
@@ -128,7 +131,8 @@ impl Service {
     pub fn validate(&self, v: &Value) -> Result<NewEvaluation, FieldError> {
         let ex = self.executor.clone();
         let langs = move |name: &str| ex.language_state(name);
-        let l = &self.cfg.limits;
+        let cfg = self.live.get();
+        let l = &cfg.limits;
         let rules = SubmitRules {
             languages: &langs,
             max_code_bytes: l.max_code_bytes,
@@ -136,7 +140,7 @@ impl Service {
             max_metadata_bytes: l.max_metadata_bytes,
             default_timeout: l.default_timeout_secs,
             max_timeout: l.max_timeout_secs,
-            max_limits: &|lang: &str| self.cfg.max_limits(lang),
+            max_limits: &|lang: &str| cfg.max_limits(lang),
         };
         validate_submission(v, &rules)
     }
@@ -158,7 +162,7 @@ impl Service {
         self.check_accepting()?;
         let mut res = self
             .store
-            .submit(vec![new], idem_key, self.cfg.max_queued as u64)
+            .submit(vec![new], idem_key, self.live.get().max_queued as u64)
             .await?;
         let s = res
             .pop()
@@ -221,7 +225,7 @@ impl Service {
         let n = news.len() as u64;
         let res = self
             .store
-            .submit(news, None, self.cfg.max_queued as u64)
+            .submit(news, None, self.live.get().max_queued as u64)
             .await?;
         self.accepted.fetch_add(n, Ordering::Relaxed);
         Ok(res)
