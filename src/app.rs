@@ -57,6 +57,7 @@ pub async fn run(
         flush_window: Duration::from_micros(cfg.store.flush_window_us),
         max_batch: cfg.store.max_batch,
         node_id: cfg.node_id.clone(),
+        min_free_bytes: cfg.store.min_free_mb * 1024 * 1024,
     })
     .map_err(|e| anyhow!("{e}"))?;
     let mut runners = Vec::new();
@@ -75,7 +76,12 @@ pub async fn run(
     }
 
     let sinks = build_sinks(&cfg)?;
-    let outbox = Outbox::new(store.clone(), cfg.outbox.clone(), sinks.sinks);
+    let outbox = Outbox::new(
+        store.clone(),
+        cfg.outbox.clone(),
+        (cfg.store.retain_evaluations_secs, cfg.store.max_evaluations),
+        sinks.sinks,
+    );
     let cache = CompileCache::open(
         &compile_cache_dir(&cfg, store.node_id()),
         cfg.judge.compile_cache_mb * 1024 * 1024,
@@ -90,6 +96,12 @@ pub async fn run(
     queue.start();
     let background = Runner::new(shutdown.clone());
     runners.extend([queue.runner(), relays.clone(), background.clone()]);
+    // Outlives the background group: space coming back must still reopen the store while
+    // the last results are recorded at shutdown.
+    relays.spawn(crate::store::DiskWatch::new(
+        store.clone(),
+        Duration::from_secs(1),
+    ));
 
     let addr = listener.local_addr()?;
     let addr_file = cfg.data_dir.join(ADDR_FILE);
@@ -106,8 +118,13 @@ pub async fn run(
         "crucible is ready"
     );
 
+    let live = Arc::new(crate::ops::reload::LiveConfig::new(cfg.clone()));
+    if let Err(e) = crate::ops::reload::on_sighup(live.clone(), cfg.source.clone()) {
+        tracing::warn!(error = %e, "cannot listen for SIGHUP: reload is off");
+    }
     let service = Arc::new(Service {
         cfg: cfg.clone(),
+        live,
         store: store.clone(),
         executor: executor.clone(),
         queue: queue.clone(),
@@ -115,6 +132,12 @@ pub async fn run(
         shutdown: shutdown.clone(),
         accepted: std::sync::atomic::AtomicU64::new(0),
     });
+    if let Some(r) = &sinks.redis {
+        background.spawn(crate::redis::RedisProbe(r.clone()));
+    }
+    if let Some(pg) = &sinks.postgres {
+        background.spawn(crate::sinks::postgres::PostgresProbe(pg.clone()));
+    }
     if let Some(r) = &sinks.redis {
         if !cfg.redis.request_channel.is_empty() {
             match Responder::new(r.clone(), service.clone()) {
@@ -283,6 +306,7 @@ struct Sinks {
     sinks: Vec<Arc<dyn Sink>>,
     reporters: Vec<Arc<dyn Report>>,
     redis: Option<Arc<Redis>>,
+    postgres: Option<Arc<Postgres>>,
 }
 
 fn build_sinks(cfg: &Config) -> anyhow::Result<Sinks> {
@@ -290,12 +314,16 @@ fn build_sinks(cfg: &Config) -> anyhow::Result<Sinks> {
     if let Some(f) = &cfg.sinks.file {
         sinks.push(Arc::new(FileSink::open(&f.path).map_err(|e| anyhow!(e))?));
     }
-    let postgres: Arc<dyn Report> = match &cfg.postgres.url {
+    let pg = match &cfg.postgres.url {
         Some(_) => {
             let pg = Postgres::new(&cfg.postgres).map_err(|e| anyhow!(e))?;
             sinks.push(Arc::new(PostgresSink::new(pg.clone())));
-            pg
+            Some(pg)
         }
+        None => None,
+    };
+    let postgres: Arc<dyn Report> = match &pg {
+        Some(p) => p.clone(),
         None => Arc::new(NotConfigured("postgres")),
     };
     let redis = match &cfg.redis.url {
@@ -314,6 +342,7 @@ fn build_sinks(cfg: &Config) -> anyhow::Result<Sinks> {
         sinks,
         reporters: vec![redis_report, postgres],
         redis,
+        postgres: pg,
     })
 }
 

@@ -37,14 +37,24 @@ struct ServeArgs {
     data_dir: Option<PathBuf>,
 }
 
+/// The configuration file of the packaged service, read by the client commands.
+pub const SYSTEM_CONFIG: &str = "/etc/crucible/crucible.toml";
+
 #[derive(clap::Args, Debug, Clone)]
 struct ServerArgs {
-    /// Server URL; default from CRUCIBLE_URL, else CRUCIBLE_LISTEN, else http://127.0.0.1:8080.
+    /// Server URL. Default: CRUCIBLE_URL, else the `listen` address of the server's
+    /// configuration (--config, else /etc/crucible/crucible.toml when readable; with
+    /// CRUCIBLE_LISTEN over the file), else http://127.0.0.1:8080.
     #[arg(long, value_name = "URL")]
     server: Option<String>,
-    /// API token; default from CRUCIBLE_API_TOKEN.
+    /// API token. Default: CRUCIBLE_API_TOKEN, else the configuration's `api_token` or
+    /// `api_token_file`.
     #[arg(long, value_name = "TOKEN")]
     token: Option<String>,
+    /// The server's configuration file, for its address and token (default
+    /// /etc/crucible/crucible.toml, when it exists and is readable).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -288,6 +298,26 @@ fn serve(a: ServeArgs) -> i32 {
             eprintln!("crucible: cannot install signal handlers: {e}");
             return 1;
         }
+        // A stop always ends: grace for the running evaluations plus 10 s for the rest.
+        // Whatever could not be written by then (a full or failing disk) is what a crash
+        // would leave: the store is consistent, and runs are recorded interrupted at the
+        // next start.
+        let limit = Duration::from_secs(cfg.shutdown_grace_secs + 10);
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            token.cancelled().await;
+            let _ = std::thread::Builder::new()
+                .name("stop-deadline".into())
+                .spawn(move || {
+                    std::thread::sleep(limit);
+                    tracing::error!(
+                        after_secs = limit.as_secs(),
+                        "shutdown did not finish in time; exiting now (the store is consistent)"
+                    );
+                    eprintln!("crucible: shutdown did not finish in time; exiting");
+                    std::process::exit(1);
+                });
+        });
         match crate::app::serve(cfg, shutdown).await {
             Ok(()) => 0,
             Err(e) => {
@@ -303,12 +333,45 @@ fn serve(a: ServeArgs) -> i32 {
     })
 }
 
-fn server_url(s: &ServerArgs) -> String {
+/// Where a client command finds the server and its token: the flag, else the
+/// environment, else the server's own configuration.
+fn server_config(s: &ServerArgs) -> Result<Option<Config>, String> {
+    let (path, explicit) = match &s.config {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from(SYSTEM_CONFIG), false),
+    };
+    if !explicit && !path.exists() {
+        return Ok(None);
+    }
+    match Config::load(Some(&path), &Overrides::default()) {
+        Ok(c) => Ok(Some(c)),
+        Err(e) if explicit => Err(e.to_string()),
+        // The system file may be unreadable for this user (its token file is, often):
+        // the flags and the environment still work.
+        Err(_) => Ok(None),
+    }
+}
+
+fn server_url(s: &ServerArgs, cfg: Option<&Config>) -> String {
     if let Some(u) = &s.server {
         return u.clone();
     }
     if let Ok(u) = std::env::var("CRUCIBLE_URL") {
-        return u;
+        if !u.is_empty() {
+            return u;
+        }
+    }
+    if let Some(c) = cfg {
+        // A server listening on every address is reached on loopback.
+        let mut addr = c.listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(if addr.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            });
+        }
+        return format!("http://{addr}");
     }
     if let Ok(l) = std::env::var("CRUCIBLE_LISTEN") {
         return format!("http://{l}");
@@ -321,12 +384,24 @@ where
     F: FnOnce(Client) -> Fut,
     Fut: std::future::Future<Output = Result<i32, String>>,
 {
-    let token = s.token.clone().or_else(|| {
-        std::env::var("CRUCIBLE_API_TOKEN")
-            .ok()
-            .filter(|t| !t.is_empty())
-    });
-    let client = match Client::new(&server_url(&s), token) {
+    let cfg = match server_config(&s) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("crucible: configuration error: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    // The environment is already applied over the file by Config::load.
+    let token = s
+        .token
+        .clone()
+        .or_else(|| {
+            std::env::var("CRUCIBLE_API_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty())
+        })
+        .or_else(|| cfg.as_ref().and_then(|c| c.api_token.clone()));
+    let client = match Client::new(&server_url(&s, cfg.as_ref()), token) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("crucible: {e}");

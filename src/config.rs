@@ -122,6 +122,9 @@ pub struct Config {
     pub docker: DockerConfig,
     /// Test cases, compilation and the compile cache.
     pub judge: JudgeConfig,
+    /// The file this configuration was loaded from (re-read on reload); not a key.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// `[judge]`: test cases, compiled languages and the compile cache.
@@ -306,6 +309,18 @@ pub struct StoreConfig {
     pub flush_window_us: u64,
     /// Most writes applied and flushed as one batch.
     pub max_batch: usize,
+    /// Free space (MiB) the data dir's filesystem must keep. Below it new submissions
+    /// (HTTP and Redis request/reply) are refused with 507 `insufficient_storage` and no
+    /// new run is started, while running evaluations still record their results and sinks
+    /// still advance. Work resumes by itself once space is back. 0 turns the reserve off.
+    pub min_free_mb: u64,
+    /// Terminal evaluations (completed, failed, cancelled) older than this many seconds
+    /// are removed (record, status index, idempotency key), but only once every sink has
+    /// delivered all their events. 0 keeps them forever.
+    pub retain_evaluations_secs: u64,
+    /// At most this many evaluations are kept: beyond it the oldest terminal ones are
+    /// removed first (same conditions as above). 0: no limit.
+    pub max_evaluations: u64,
 }
 
 /// Outbox relays.
@@ -607,6 +622,7 @@ impl Default for Config {
             postgres: PostgresConfig::default(),
             docker: DockerConfig::default(),
             judge: JudgeConfig::default(),
+            source: None,
         }
     }
 }
@@ -649,6 +665,9 @@ impl Default for StoreConfig {
             cache_mb: 16,
             flush_window_us: 0,
             max_batch: 256,
+            min_free_mb: 128,
+            retain_evaluations_secs: 0,
+            max_evaluations: 0,
         }
     }
 }
@@ -725,6 +744,7 @@ impl Config {
             Some(p) => Self::from_file(p)?,
             None => Config::default(),
         };
+        cfg.source = path.map(|p| p.to_path_buf());
         cfg.apply_env(env)?;
         if let Some(l) = overrides.listen {
             cfg.listen = l;

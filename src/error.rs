@@ -79,6 +79,8 @@ codes! {
     QueueFull => SERVICE_UNAVAILABLE, "queue_full";
     /// The appliance is stopping; retry after `Retry-After` (elsewhere or later).
     ShuttingDown => SERVICE_UNAVAILABLE, "shutting_down";
+    /// Free space on the data dir is below `[store] min_free_mb`; retry after space is freed.
+    InsufficientStorage => INSUFFICIENT_STORAGE, "insufficient_storage";
 }
 
 /// An error answer.

@@ -10,13 +10,15 @@
 use crate::config::RedisConfig;
 use crate::ops::metrics::Exposition;
 use crate::ops::metrics::LabeledCounter;
-use crate::ops::report::{Health, Level, Report};
+use crate::ops::report::{Health, Level, Probe, Report};
+use crate::ops::worker::{State, Worker};
 use crate::BoxFuture;
 use fred::prelude::{Builder, Client, ClientLike, Config as FredConfig, ReconnectPolicy};
 use serde_json::json;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// Counters of the request/reply responder.
 #[derive(Debug, Default)]
@@ -37,6 +39,8 @@ pub struct Redis {
     pub(crate) client: Client,
     builder: Builder,
     pub stats: RedisStats,
+    /// The connection check (PING every second, 1 s timeout).
+    pub probe: Probe,
 }
 
 /// A client builder with the settings every Redis connection of the appliance shares:
@@ -76,6 +80,7 @@ impl Redis {
             client,
             builder: b,
             stats: RedisStats::default(),
+            probe: Probe::default(),
         }))
     }
 
@@ -97,6 +102,41 @@ impl Redis {
     }
 }
 
+/// PINGs Redis every second over the appliance's connection (1 s timeout), so a dead
+/// server shows in `/health` at once, not when a delivery times out.
+pub struct RedisProbe(pub Arc<Redis>);
+
+impl Worker for RedisProbe {
+    fn name(&self) -> String {
+        "probe:redis".into()
+    }
+
+    fn work<'a>(
+        &'a mut self,
+        _stop: &'a CancellationToken,
+    ) -> BoxFuture<'a, Result<State, String>> {
+        Box::pin(async move {
+            let r = &self.0;
+            let result = if !r.client.is_connected() {
+                Err("not connected".to_string())
+            } else {
+                let ping = r.client.ping::<String>(None);
+                match tokio::time::timeout(Duration::from_secs(1), ping).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("no answer to PING within 1 s".to_string()),
+                }
+            };
+            r.probe.record("redis", result);
+            Ok(State::Idle)
+        })
+    }
+
+    fn wait_for_work(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(tokio::time::sleep(Duration::from_secs(1)))
+    }
+}
+
 impl Report for Redis {
     fn key(&self) -> &'static str {
         "redis"
@@ -104,10 +144,17 @@ impl Report for Redis {
 
     fn health(&self) -> BoxFuture<'_, Health> {
         Box::pin(async move {
+            let up = self.is_connected() && self.probe.is_up();
+            let level = if self.probe.checked() && !up {
+                Level::Degraded
+            } else {
+                Level::Ok
+            };
             Health::new(
-                Level::Ok,
+                level,
                 json!({
-                    "connected": self.is_connected(),
+                    "connected": self.is_connected() && self.probe.is_up(),
+                    "last_check_error": self.probe.last_error(),
                     "stream": self.cfg.stream,
                     "request_channel": self.cfg.request_channel,
                     "requests": self.stats.requests.snapshot().iter().map(|(_, n)| n).sum::<u64>(),
@@ -121,8 +168,8 @@ impl Report for Redis {
     fn metrics(&self, e: &mut Exposition) {
         e.flag(
             "crucible_redis_connected",
-            "1 while the Redis connection is up.",
-            self.is_connected(),
+            "1 while the Redis connection is up (and answered the last PING).",
+            self.is_connected() && self.probe.is_up(),
         );
         e.labeled(
             "crucible_redis_requests_total",

@@ -34,6 +34,9 @@ pub const DEFAULT_PAGE: usize = 20;
 /// The appliance's operations.
 pub struct Service {
     pub cfg: Arc<Config>,
+    /// The configuration as reloaded (token, limits, max_queued, log level); `cfg` is as
+    /// started.
+    pub live: Arc<crate::ops::reload::LiveConfig>,
     pub store: Arc<Store>,
     pub executor: Arc<dyn Executor>,
     pub queue: Arc<Queue>,
@@ -172,7 +175,8 @@ impl Service {
     pub fn validate(&self, v: &Value) -> Result<NewEvaluation, FieldError> {
         let ex = self.executor.clone();
         let langs = move |name: &str| ex.language_state(name);
-        let l = &self.cfg.limits;
+        let cfg = self.live.get();
+        let l = &cfg.limits;
         let rules = SubmitRules {
             languages: &langs,
             max_code_bytes: l.max_code_bytes,
@@ -180,13 +184,13 @@ impl Service {
             max_metadata_bytes: l.max_metadata_bytes,
             default_timeout: l.default_timeout_secs,
             max_timeout: l.max_timeout_secs,
-            max_limits: &|lang: &str| self.cfg.max_limits(lang),
-            main_file: &|lang: &str| self.cfg.languages.get(lang).map(|l| l.file.clone()),
+            max_limits: &|lang: &str| cfg.max_limits(lang),
+            main_file: &|lang: &str| cfg.languages.get(lang).map(|l| l.file.clone()),
             judge: JudgeRules {
-                max_tests: self.cfg.judge.max_tests,
-                max_eval_secs: self.cfg.judge.max_eval_secs,
-                max_files: self.cfg.judge.max_files,
-                max_args: self.cfg.judge.max_args,
+                max_tests: cfg.judge.max_tests,
+                max_eval_secs: cfg.judge.max_eval_secs,
+                max_files: cfg.judge.max_files,
+                max_args: cfg.judge.max_args,
             },
         };
         validate_submission(v, &rules)
@@ -195,6 +199,10 @@ impl Service {
     fn check_accepting(&self) -> Result<(), ApiError> {
         if self.shutdown.is_cancelled() {
             return Err(ApiError::shutting_down());
+        }
+        // The last measurement (at most a second old); the writer checks again.
+        if let Some(e) = self.store.space_error() {
+            return Err(e.into());
         }
         Ok(())
     }
@@ -212,7 +220,7 @@ impl Service {
         });
         let mut res = self
             .store
-            .submit(vec![new], idem_key, self.cfg.max_queued as u64)
+            .submit(vec![new], idem_key, self.live.get().max_queued as u64)
             .await?;
         let s = res
             .pop()
@@ -275,7 +283,7 @@ impl Service {
         let n = news.len() as u64;
         let res = self
             .store
-            .submit(news, None, self.cfg.max_queued as u64)
+            .submit(news, None, self.live.get().max_queued as u64)
             .await?;
         self.accepted.fetch_add(n, Ordering::Relaxed);
         Ok(res)

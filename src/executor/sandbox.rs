@@ -871,13 +871,18 @@ struct RunDir {
 
 impl RunDir {
     fn create(work_dir: &Path, name: &str, uid: u32, gid: u32) -> Result<RunDir, String> {
+        use std::os::unix::fs::DirBuilderExt;
         let path = work_dir.join(name);
-        std::fs::create_dir(&path)
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
             .map_err(|e| format!("cannot create the run's directory {}: {e}", path.display()))?;
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } == 0 {
-            std::os::unix::fs::chown(&path, Some(uid), Some(gid))
-                .map_err(|e| format!("cannot hand {} to uid {uid}: {e}", path.display()))?;
+            if let Err(e) = std::os::unix::fs::chown(&path, Some(uid), Some(gid)) {
+                let _ = std::fs::remove_dir(&path);
+                return Err(format!("cannot hand {} to uid {uid}: {e}", path.display()));
+            }
         }
         Ok(RunDir { path })
     }

@@ -303,7 +303,8 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> Handled {
 }
 
 fn authorized<B>(state: &State, req: &Request<B>) -> bool {
-    let Some(token) = state.cfg.api_token.as_deref() else {
+    let cfg = state.service.live.get();
+    let Some(token) = cfg.api_token.as_deref() else {
         return true;
     };
     let mut given = req.headers().get_all(http::header::AUTHORIZATION).iter();

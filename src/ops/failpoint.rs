@@ -6,7 +6,8 @@
 //! Points: `store.before_flush` (batch applied, not flushed), `store.after_flush`
 //! (flushed, nobody answered yet), `relay.after_deliver` (sink has the events, cursor
 //! not saved), `outbox.prune` (after a pruning batch), `outbox.replay` (replay cursor
-//! written, relay not yet told).
+//! written, relay not yet told), `retention.prune` (after a batch of evaluations was
+//! removed by retention).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

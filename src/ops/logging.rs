@@ -12,6 +12,23 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
+type FilterHandle = tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>;
+
+/// The installed filter, replaceable at runtime (`log_level` on reload).
+static FILTER: std::sync::OnceLock<FilterHandle> = std::sync::OnceLock::new();
+
+/// Replace the log filter (unless `RUST_LOG` set it: the environment wins).
+pub fn set_filter(filter: &str) -> Result<(), String> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        return Ok(());
+    }
+    let f = EnvFilter::try_new(filter).map_err(|e| format!("invalid log_level `{filter}`: {e}"))?;
+    match FILTER.get() {
+        Some(h) => h.reload(f).map_err(|e| e.to_string()),
+        None => Ok(()),
+    }
+}
+
 /// Install the global subscriber. `RUST_LOG` overrides `default_filter`.
 pub fn init(format: LogFormat, default_filter: &str) {
     let filter = EnvFilter::try_from_default_env()
@@ -22,6 +39,8 @@ pub fn init(format: LogFormat, default_filter: &str) {
         LogFormat::Auto => LogFormat::Human,
         other => other,
     };
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let _ = FILTER.set(handle);
     let registry = tracing_subscriber::registry().with(filter);
     match format {
         LogFormat::Journald => match tracing_journald::layer() {

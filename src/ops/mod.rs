@@ -6,6 +6,7 @@
 pub mod failpoint;
 pub mod logging;
 pub mod metrics;
+pub mod reload;
 pub mod report;
 pub mod signals;
 pub mod systemd;

@@ -44,6 +44,69 @@ pub trait Report: Send + Sync {
     fn metrics(&self, out: &mut Exposition);
 }
 
+/// The last connection-level check of an external server (Redis, PostgreSQL), made every
+/// second by a [`crate::ops::worker::Worker`] independently of deliveries, so an outage
+/// shows in `/health` within about two seconds rather than after a command timeout.
+#[derive(Debug, Default)]
+pub struct Probe {
+    /// Whether the last check reached the server (false until the first one did).
+    pub up: std::sync::atomic::AtomicBool,
+    /// Whether a check has completed at all.
+    pub checked: std::sync::atomic::AtomicBool,
+    /// Why the last check failed.
+    pub error: std::sync::Mutex<Option<String>>,
+}
+
+impl Probe {
+    /// Record a check's outcome; logs changes (warning when the server goes away).
+    pub fn record(&self, what: &str, result: Result<(), String>) {
+        use std::sync::atomic::Ordering;
+        let was_checked = self.checked.swap(true, Ordering::SeqCst);
+        let up = result.is_ok();
+        let was_up = self.up.swap(up, Ordering::SeqCst);
+        if let Ok(mut e) = self.error.lock() {
+            *e = result.as_ref().err().cloned();
+        }
+        match (&result, was_up) {
+            (Err(e), true) => {
+                tracing::warn!(server = what, error = %e, "connection check failed: the server is unreachable")
+            }
+            (Err(e), false) if !was_checked => {
+                tracing::warn!(server = what, error = %e, "connection check failed: the server is unreachable")
+            }
+            (Ok(()), false) if was_checked => {
+                tracing::info!(server = what, "the server is reachable again")
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether the last check succeeded.
+    pub fn is_up(&self) -> bool {
+        self.up.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether a check has completed.
+    pub fn checked(&self) -> bool {
+        self.checked.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The last check's error.
+    pub fn last_error(&self) -> Option<String> {
+        self.error.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// The level for `/health`: degraded once a check has failed.
+    pub fn level(&self) -> Level {
+        let checked = self.checked.load(std::sync::atomic::Ordering::SeqCst);
+        if checked && !self.is_up() {
+            Level::Degraded
+        } else {
+            Level::Ok
+        }
+    }
+}
+
 /// A subsystem that is not configured: `null` in `/health`, no metrics. Keeps the shape
 /// of `/health` the same whether or not an optional subsystem (Redis, PostgreSQL) is on.
 pub struct NotConfigured(pub &'static str);

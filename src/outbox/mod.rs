@@ -116,6 +116,8 @@ struct RelayHandle {
 pub struct Outbox {
     store: Arc<Store>,
     cfg: OutboxConfig,
+    /// Evaluation retention: (`retain_evaluations_secs`, `max_evaluations`), 0 = off.
+    retention: (u64, u64),
     relays: Vec<RelayHandle>,
     /// Events removed by pruning.
     pub pruned: AtomicU64,
@@ -123,7 +125,12 @@ pub struct Outbox {
 
 impl Outbox {
     /// An outbox feeding `sinks` from `store`.
-    pub fn new(store: Arc<Store>, cfg: OutboxConfig, sinks: Vec<Arc<dyn Sink>>) -> Arc<Outbox> {
+    pub fn new(
+        store: Arc<Store>,
+        cfg: OutboxConfig,
+        retention: (u64, u64),
+        sinks: Vec<Arc<dyn Sink>>,
+    ) -> Arc<Outbox> {
         let relays = sinks
             .into_iter()
             .map(|sink| {
@@ -142,6 +149,7 @@ impl Outbox {
         Arc::new(Outbox {
             store,
             cfg,
+            retention,
             relays,
             pruned: AtomicU64::new(0),
         })
@@ -259,6 +267,39 @@ impl Outbox {
         if total > 0 {
             self.pruned.fetch_add(total, Ordering::Relaxed);
             tracing::info!(removed = total, "pruned delivered events");
+        }
+        self.prune_evaluations().await?;
+        Ok(total)
+    }
+
+    /// Remove terminal evaluations past the retention (age or count), in batches, once
+    /// every sink has delivered their events. Returns how many.
+    pub async fn prune_evaluations(&self) -> Result<u64, StoreError> {
+        let (secs, keep) = self.retention;
+        if secs == 0 && keep == 0 {
+            return Ok(0);
+        }
+        let older_than = (secs > 0).then(|| {
+            (chrono::Utc::now() - chrono::Duration::seconds(secs as i64))
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        });
+        let mut total = 0;
+        loop {
+            let n = self
+                .store
+                .prune_evaluations(self.sink_names(), older_than.clone(), keep, 1000)
+                .await?;
+            total += n;
+            if n > 0 {
+                crate::ops::failpoint::hit("retention.prune");
+            }
+            if n < 1000 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        if total > 0 {
+            tracing::info!(removed = total, "retention: removed terminal evaluations");
         }
         Ok(total)
     }

@@ -71,6 +71,7 @@ async fn setup(n: usize) -> (tempfile::TempDir, Arc<Store>) {
         flush_window: Duration::ZERO,
         max_batch: 64,
         node_id: Some("test-node".into()),
+        min_free_bytes: 0,
     })
     .expect("open");
     for i in 0..n {
@@ -100,7 +101,7 @@ async fn until(what: &str, f: impl Fn() -> bool) {
 }
 
 fn run(store: &Arc<Store>, sink: Arc<Scripted>) -> (Arc<Outbox>, Arc<Runner>) {
-    let outbox = Outbox::new(store.clone(), cfg(), vec![sink as Arc<dyn Sink>]);
+    let outbox = Outbox::new(store.clone(), cfg(), (0, 0), vec![sink as Arc<dyn Sink>]);
     let runner = Runner::new(CancellationToken::new());
     outbox.start(&runner);
     (outbox, runner)
@@ -242,7 +243,12 @@ async fn pruning_waits_for_every_sink_and_the_window() {
     let mut c = cfg();
     c.retain_secs = 0;
     let sink = Arc::new(Scripted::default());
-    let outbox = Outbox::new(store.clone(), c, vec![sink.clone() as Arc<dyn Sink>]);
+    let outbox = Outbox::new(
+        store.clone(),
+        c,
+        (0, 0),
+        vec![sink.clone() as Arc<dyn Sink>],
+    );
     // Nothing delivered yet: nothing may be pruned.
     assert_eq!(outbox.prune_once().await.expect("prune"), 0);
     let runner = Runner::new(CancellationToken::new());

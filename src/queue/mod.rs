@@ -67,6 +67,10 @@ pub struct Queue {
     tracker: TaskTracker,
     /// The dispatcher's runner; stopping it stops starting new work.
     dispatch: Arc<Runner>,
+    /// Fired when shutdown can wait no longer for results that cannot be written (a full
+    /// or failing disk): they stay `running` on disk and become `interrupted` at the next
+    /// start.
+    give_up: CancellationToken,
     pub stats: QueueStats,
 }
 
@@ -90,6 +94,7 @@ impl Queue {
             running: Mutex::new(HashMap::new()),
             tracker: TaskTracker::new(),
             dispatch: Runner::new(CancellationToken::new()),
+            give_up: CancellationToken::new(),
             stats: QueueStats::default(),
         })
     }
@@ -181,7 +186,20 @@ impl Queue {
             for t in tokens {
                 t.cancel();
             }
-            self.tracker.wait().await;
+        }
+        // Killed runs end at once; what is left is recording results. A disk that takes
+        // no write must not hold the shutdown: give up after a few seconds.
+        if tokio::time::timeout(Duration::from_secs(3), self.tracker.wait())
+            .await
+            .is_err()
+        {
+            self.give_up.cancel();
+            if tokio::time::timeout(Duration::from_secs(2), self.tracker.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!("evaluations still recording results at shutdown; leaving them");
+            }
         }
     }
 
@@ -253,9 +271,16 @@ impl Queue {
                 | Err(StoreError::NotFound)
                 | Err(StoreError::WrongState(..)) => break,
                 Err(e) => {
+                    if self.give_up.is_cancelled() {
+                        tracing::error!(eval_id = %id, error = %e, "cannot record the result before shutdown; it will be recorded interrupted at the next start");
+                        break;
+                    }
                     tracing::error!(eval_id = %id, error = %e, "cannot record the result; retrying");
                     failures += 1;
-                    tokio::time::sleep(backoff.delay(failures)).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.delay(failures)) => {}
+                        _ = self.give_up.cancelled() => {}
+                    }
                 }
             }
         }
@@ -280,6 +305,11 @@ impl Dispatcher {
             p = self.slots.clone().acquire_owned() => p.map_err(|e| e.to_string())?,
             _ = stop.cancelled() => return Ok(State::Done),
         };
+        if q.store.queue_depth() > 0 && (q.store.low_on_space() || !q.store.is_healthy()) {
+            // A run needs room for its result: nothing new starts until space is back
+            // (DiskWatch measures it every second) and the store writes again.
+            return Ok(State::Throttled(Duration::from_secs(1)));
+        }
         if q.store.queue_depth() > 0 {
             if let Err(e) = q.executor.ready().await {
                 // Nothing starts while the executor cannot run it: the work stays queued

@@ -23,7 +23,8 @@ use crate::events::Confirmation;
 use crate::events::{Event, EventType};
 use crate::model::Evaluation;
 use crate::ops::metrics::Exposition;
-use crate::ops::report::{Health, Level, Report};
+use crate::ops::report::{Health, Probe, Report};
+use crate::ops::worker::{State, Worker};
 use crate::outbox::{Sink, SinkError};
 use crate::BoxFuture;
 use chrono::{DateTime, Utc};
@@ -34,6 +35,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Mutex;
 use tokio_postgres::{Client, NoTls, Statement};
+use tokio_util::sync::CancellationToken;
 
 /// A connection with its prepared statements.
 struct Conn {
@@ -164,6 +166,8 @@ pub struct Postgres {
     client: Mutex<Option<Conn>>,
     connected: AtomicBool,
     schema_version: AtomicI64,
+    /// The connection check (every second, 1 s timeout).
+    pub probe: Probe,
 }
 
 impl Postgres {
@@ -177,6 +181,7 @@ impl Postgres {
             client: Mutex::new(None),
             connected: AtomicBool::new(false),
             schema_version: AtomicI64::new(0),
+            probe: Probe::default(),
         }))
     }
 
@@ -208,6 +213,67 @@ impl Postgres {
     }
 }
 
+/// Checks PostgreSQL every second without taking a backend of its own: the sync's
+/// connection must not have closed, and the server must accept a TCP connection within
+/// 1 s. A server that is gone shows in `/health` at once, not at the next delivery.
+pub struct PostgresProbe(pub Arc<Postgres>);
+
+impl PostgresProbe {
+    async fn check(&self) -> Result<(), String> {
+        let pg = &self.0;
+        if let Ok(guard) = pg.client.try_lock() {
+            if guard.as_ref().is_some_and(|c| c.client.is_closed()) {
+                return Err("the connection was closed".into());
+            }
+        }
+        let cfg: tokio_postgres::Config = pg.url.parse().map_err(|e| format!("{e}"))?;
+        let port = cfg.get_ports().first().copied().unwrap_or(5432);
+        let host = cfg.get_hosts().first().cloned();
+        let connect = async {
+            match host {
+                Some(tokio_postgres::config::Host::Tcp(h)) => {
+                    tokio::net::TcpStream::connect((h.as_str(), port))
+                        .await
+                        .map(drop)
+                }
+                Some(tokio_postgres::config::Host::Unix(dir)) => {
+                    let sock = dir.join(format!(".s.PGSQL.{port}"));
+                    tokio::net::UnixStream::connect(sock).await.map(drop)
+                }
+                None => tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .map(drop),
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(1), connect).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("cannot connect: {e}")),
+            Err(_) => Err("no connection within 1 s".into()),
+        }
+    }
+}
+
+impl Worker for PostgresProbe {
+    fn name(&self) -> String {
+        "probe:postgres".into()
+    }
+
+    fn work<'a>(
+        &'a mut self,
+        _stop: &'a CancellationToken,
+    ) -> BoxFuture<'a, Result<State, String>> {
+        Box::pin(async move {
+            let r = self.check().await;
+            self.0.probe.record("postgres", r);
+            Ok(State::Idle)
+        })
+    }
+
+    fn wait_for_work(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(tokio::time::sleep(Duration::from_secs(1)))
+    }
+}
+
 impl Report for Postgres {
     fn key(&self) -> &'static str {
         "postgres"
@@ -216,9 +282,11 @@ impl Report for Postgres {
     fn health(&self) -> BoxFuture<'_, Health> {
         Box::pin(async move {
             Health::new(
-                Level::Ok,
+                self.probe.level(),
                 json!({
-                    "connected": self.connected.load(Ordering::SeqCst),
+                    "connected": self.connected.load(Ordering::SeqCst) && self.probe.is_up(),
+                    "reachable": self.probe.is_up(),
+                    "last_check_error": self.probe.last_error(),
                     "schema_version": self.schema_version.load(Ordering::SeqCst),
                 }),
             )

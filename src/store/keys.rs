@@ -7,9 +7,11 @@
 //! | `e/`   | eval_id                              | evaluation JSON          |
 //! | `l/`   | seq (u64 BE)                         | event JSON (the outbox)  |
 //! | `x/`   | status byte, created_seq (u64 BE)    | eval_id (by status)      |
-//! | `i/`   | idempotency key                      | eval_id                  |
+//! | `i/`   | idempotency key                      | eval_id fingerprint      |
 //! | `k/`   | sink name                            | cursor (u64 BE)          |
 //! | `d/`   | sink name, 0x00, seq (u64 BE)        | dead letter JSON         |
+//! | `t/`   | terminal seq (u64 BE), eval_id       | empty (retention order)  |
+//! | `j/`   | eval_id                              | its idempotency key      |
 //! | `m/`   | name                                 | metadata                 |
 //!
 //! The queue is the `queued` part of the status index (`x/q...`): FIFO by `created_seq`.
@@ -21,13 +23,16 @@ pub const STATUS: &[u8] = b"x/";
 pub const IDEM: &[u8] = b"i/";
 pub const CURSOR: &[u8] = b"k/";
 pub const DEAD: &[u8] = b"d/";
+pub const TERMINAL: &[u8] = b"t/";
+pub const IDEM_OF: &[u8] = b"j/";
 
 pub const META_NODE: &[u8] = b"m/node";
 pub const META_HEAD: &[u8] = b"m/head";
 pub const META_SCHEMA: &[u8] = b"m/schema";
 
-/// The store layout version this build reads and writes.
-pub const SCHEMA_VERSION: u64 = 1;
+/// The store layout version this build reads and writes (2: the `t/` and `j/` indexes
+/// of retention; a layout-1 store is upgraded at open).
+pub const SCHEMA_VERSION: u64 = 2;
 
 fn cat(prefix: &[u8], rest: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(prefix.len() + rest.len());
@@ -58,6 +63,21 @@ pub fn idem(key: &str) -> Vec<u8> {
     cat(IDEM, key.as_bytes())
 }
 
+/// An idempotency key's value: `<eval_id> <fingerprint of the request>`.
+pub fn idem_value(eval_id: &str, fingerprint: &str) -> String {
+    format!("{eval_id} {fingerprint}")
+}
+
+/// The evaluation and request fingerprint of an idempotency key's value (keys written
+/// before fingerprints were kept hold the eval_id alone, and match any request).
+pub fn parse_idem_value(value: &[u8]) -> (String, Option<String>) {
+    let text = String::from_utf8_lossy(value);
+    match text.split_once(' ') {
+        Some((id, fp)) => (id.to_string(), Some(fp.to_string())),
+        None => (text.into_owned(), None),
+    }
+}
+
 pub fn cursor(sink: &str) -> Vec<u8> {
     cat(CURSOR, sink.as_bytes())
 }
@@ -72,6 +92,18 @@ pub fn dead(sink: &str, seq: u64) -> Vec<u8> {
     let mut k = dead_prefix(sink);
     k.extend_from_slice(&seq.to_be_bytes());
     k
+}
+
+/// An evaluation in retention order: by the seq of its terminal event.
+pub fn terminal(seq: u64, eval_id: &str) -> Vec<u8> {
+    let mut k = cat(TERMINAL, &seq.to_be_bytes());
+    k.extend_from_slice(eval_id.as_bytes());
+    k
+}
+
+/// The idempotency key an evaluation was submitted with.
+pub fn idem_of(eval_id: &str) -> Vec<u8> {
+    cat(IDEM_OF, eval_id.as_bytes())
 }
 
 /// Read a big-endian u64 from the last 8 bytes of a key or from a value.

@@ -15,6 +15,7 @@
 //! that an HTTP handler could wait on other than through the writer's reply.
 
 mod keys;
+mod space;
 mod writer;
 
 use crate::error::{ApiError, Code};
@@ -28,10 +29,11 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
+pub use space::DiskWatch;
 pub use writer::WriterStats;
 
 /// Bytes one read of records or events returns at most (beyond its first item), so a page
@@ -55,6 +57,9 @@ pub enum StoreError {
     Closed,
     #[error("this Idempotency-Key was used for a different request (evaluation {0})")]
     IdempotencyConflict(String),
+    /// Free space on the data dir's filesystem is below `[store] min_free_mb`.
+    #[error("the data directory has {free_mb} MiB free, below the reserve of {reserve_mb} MiB ([store] min_free_mb): new evaluations are refused until space is freed")]
+    InsufficientStorage { free_mb: u64, reserve_mb: u64 },
     /// The backup destination cannot be used (the request's fault, not the disk's).
     #[error("{0}")]
     BackupRejected(String),
@@ -79,6 +84,9 @@ impl From<StoreError> for ApiError {
             StoreError::IdempotencyConflict(_) => {
                 ApiError::new(Code::IdempotencyKeyConflict, e.to_string())
             }
+            StoreError::InsufficientStorage { .. } => {
+                ApiError::new(Code::InsufficientStorage, e.to_string()).with_retry_after(10)
+            }
             StoreError::BackupRejected(m) => {
                 ApiError::new(Code::BackupFailed, m).with_field("path")
             }
@@ -89,7 +97,7 @@ impl From<StoreError> for ApiError {
 
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
-        StoreError::Storage(e.to_string())
+        StoreError::Storage(describe(&e))
     }
 }
 
@@ -99,6 +107,36 @@ impl From<sled::Error> for StoreError {
 pub struct IdemKey {
     pub key: String,
     pub fingerprint: String,
+}
+
+/// A sled error in words. sled keeps the first I/O error and hands out copies of it
+/// whose text is the Debug form of the original (`Os { code: 28, kind: StorageFull, ..}`);
+/// say what it means instead.
+pub fn describe(e: &sled::Error) -> String {
+    match e {
+        sled::Error::Io(io) => describe_io(io),
+        other => other.to_string(),
+    }
+}
+
+fn describe_io(io: &std::io::Error) -> String {
+    if let Some(code) = io.raw_os_error() {
+        return format!("I/O error: {}", std::io::Error::from_raw_os_error(code));
+    }
+    // A copy made by sled: the kind survives, the OS code only in the Debug text.
+    let text = io.to_string();
+    if let Some(code) = text
+        .split("code: ")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|c| c.parse::<i32>().ok())
+    {
+        return format!("I/O error: {}", std::io::Error::from_raw_os_error(code));
+    }
+    if text.starts_with("Os {") || text.starts_with("Custom {") || text.starts_with("Kind(") {
+        return format!("I/O error: {}", io.kind());
+    }
+    format!("I/O error: {text}")
 }
 
 /// Result of a submission: the id and the status it has now (`queued` for a new one; the
@@ -143,6 +181,9 @@ pub struct StoreOptions {
     pub flush_window: Duration,
     pub max_batch: usize,
     pub node_id: Option<String>,
+    /// Free bytes the data dir's filesystem must keep: below it new submissions are
+    /// refused (`insufficient_storage`) while everything else still writes. 0: no reserve.
+    pub min_free_bytes: u64,
 }
 
 /// Where the writer sends an operation's answer, once the batch holding it is flushed.
@@ -208,6 +249,15 @@ pub(crate) enum Op {
         from_seq: u64,
         reply: Tx<u64>,
     },
+    PruneEvaluations {
+        sinks: Vec<String>,
+        /// Terminal before this (RFC 3339); `None`: age does not count.
+        older_than: Option<String>,
+        /// Keep at most this many evaluations (0: no limit).
+        keep: u64,
+        max: usize,
+        reply: Tx<u64>,
+    },
     /// Liveness check of the writer (the systemd watchdog).
     Ping {
         reply: Tx<()>,
@@ -247,20 +297,53 @@ pub struct Shared {
     pub batches_done: watch::Sender<u64>,
     pub queue_depth: AtomicU64,
     pub running: AtomicU64,
+    /// Evaluations stored (every status).
+    pub evaluations: AtomicU64,
+    /// Evaluations removed by retention.
+    pub evaluations_pruned: AtomicU64,
     pub healthy: AtomicBool,
     pub last_error: Mutex<Option<String>>,
     pub stats: WriterStats,
+    /// Free bytes on the store's filesystem at the last check (u64::MAX: unknown).
+    pub free_bytes: AtomicU64,
+    /// Times the writer reopened the database after a failed write.
+    pub reopens: AtomicU64,
+}
+
+/// The open database. The writer swaps it out after a failed write (sled keeps an I/O
+/// error forever, so the only way back is to reopen) and readers take it from
+/// [`Store::handles`], never keeping it across an await.
+#[derive(Clone)]
+pub(crate) struct Handles {
+    pub(crate) db: sled::Db,
+    pub(crate) tree: sled::Tree,
+}
+
+/// Where readers find the current [`Handles`] (`None` while the writer reopens).
+pub(crate) type Slot = Arc<RwLock<Option<Handles>>>;
+
+/// Open the sled database at `path` with the appliance's settings.
+pub(crate) fn open_db(path: &std::path::Path, cache_bytes: u64) -> Result<Handles, sled::Error> {
+    let db = sled::Config::new()
+        .path(path)
+        .cache_capacity(cache_bytes)
+        .mode(sled::Mode::HighThroughput)
+        .flush_every_ms(None)
+        .open()?;
+    let tree = db.open_tree("crucible")?;
+    Ok(Handles { db, tree })
 }
 
 /// Handle to the store. Cheap to share behind an `Arc`.
 pub struct Store {
-    db: sled::Db,
-    tree: sled::Tree,
+    handles: Slot,
     tx: mpsc::Sender<Op>,
     shared: Arc<Shared>,
     head_rx: watch::Receiver<u64>,
     node: String,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    path: PathBuf,
+    min_free_bytes: u64,
 }
 
 impl Store {
@@ -269,27 +352,21 @@ impl Store {
         std::fs::create_dir_all(&opts.path).map_err(|e| {
             StoreError::Storage(format!("cannot create {}: {e}", opts.path.display()))
         })?;
-        let db = sled::Config::new()
-            .path(&opts.path)
-            .cache_capacity(opts.cache_bytes)
-            .mode(sled::Mode::HighThroughput)
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| {
-                if e.to_string().contains("could not acquire lock") {
-                    StoreError::Storage(format!(
-                        "{} is in use by another crucible process (its lock is held); \
-                         stop that process or use another --data-dir",
-                        opts.path.display()
-                    ))
-                } else {
-                    StoreError::Storage(format!(
-                        "cannot open the store at {}: {e}",
-                        opts.path.display()
-                    ))
-                }
-            })?;
-        let tree = db.open_tree("crucible")?;
+        let Handles { db, tree } = open_db(&opts.path, opts.cache_bytes).map_err(|e| {
+            if e.to_string().contains("could not acquire lock") {
+                StoreError::Storage(format!(
+                    "{} is in use by another crucible process (its lock is held); \
+                     stop that process or use another --data-dir",
+                    opts.path.display()
+                ))
+            } else {
+                StoreError::Storage(format!(
+                    "cannot open the store at {}: {}",
+                    opts.path.display(),
+                    describe(&e)
+                ))
+            }
+        })?;
 
         match tree.get(keys::META_SCHEMA)? {
             Some(v) => {
@@ -300,6 +377,9 @@ impl Store {
                          restore a backup or upgrade",
                         keys::SCHEMA_VERSION
                     )));
+                }
+                if found < 2 {
+                    upgrade_to_2(&tree)?;
                 }
             }
             None => {
@@ -328,13 +408,26 @@ impl Store {
         shared.applying.store(counts.head, Ordering::SeqCst);
         shared.queue_depth.store(counts.queued, Ordering::SeqCst);
         shared.running.store(counts.running, Ordering::SeqCst);
+        shared
+            .evaluations
+            .store(counts.evaluations, Ordering::SeqCst);
         shared.healthy.store(true, Ordering::SeqCst);
+        shared.free_bytes.store(
+            space::free_bytes(&opts.path).unwrap_or(u64::MAX),
+            Ordering::SeqCst,
+        );
+        let handles: Slot = Arc::new(RwLock::new(Some(Handles {
+            db: db.clone(),
+            tree: tree.clone(),
+        })));
 
         let (tx, rx) = mpsc::channel(8192);
         let (head_tx, head_rx) = watch::channel(counts.head);
         let w = writer::Writer {
-            db: db.clone(),
-            tree: tree.clone(),
+            h: Some(Handles { db, tree }),
+            slot: handles.clone(),
+            cache_bytes: opts.cache_bytes,
+            min_free_bytes: opts.min_free_bytes,
             node: node.clone(),
             shared: shared.clone(),
             head_tx,
@@ -342,6 +435,7 @@ impl Store {
             max_batch: opts.max_batch,
             last_seq: counts.head,
             path: opts.path.clone(),
+            wedged: false,
         };
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
@@ -358,13 +452,14 @@ impl Store {
             .map_err(|e| StoreError::Storage(format!("cannot start the writer thread: {e}")))?;
 
         Ok(Arc::new(Store {
-            db,
-            tree,
+            handles,
             tx,
             shared,
             head_rx,
             node,
             writer: Mutex::new(Some(handle)),
+            path: opts.path,
+            min_free_bytes: opts.min_free_bytes,
         }))
     }
 
@@ -510,6 +605,32 @@ impl Store {
         .await
     }
 
+    /// Remove up to `max` terminal evaluations, oldest first (by their terminal event):
+    /// those that ended before `older_than`, or beyond the newest `keep`; only when every
+    /// listed sink has delivered their terminal event. Record, status index, retention
+    /// index and idempotency key go in one batch. Returns how many.
+    pub async fn prune_evaluations(
+        &self,
+        sinks: Vec<String>,
+        older_than: Option<String>,
+        keep: u64,
+        max: usize,
+    ) -> Result<u64, StoreError> {
+        self.call(|reply| Op::PruneEvaluations {
+            sinks,
+            older_than,
+            keep,
+            max,
+            reply,
+        })
+        .await
+    }
+
+    /// Evaluations stored.
+    pub fn evaluation_count(&self) -> u64 {
+        self.shared.evaluations.load(Ordering::SeqCst)
+    }
+
     /// Move `sink`'s cursor back so delivery restarts at `from_seq` (within the window).
     pub async fn replay(&self, sink: &str, from_seq: u64) -> Result<u64, StoreError> {
         let sink = sink.to_string();
@@ -541,7 +662,9 @@ impl Store {
         if let Some(h) = handle {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }
-        let _ = self.db.flush();
+        if let Some(h) = self.current() {
+            let _ = h.db.flush();
+        }
     }
 
     // ---- reads -------------------------------------------------------------------
@@ -571,7 +694,7 @@ impl Store {
 
     /// One evaluation by id (as flushed: see [`Store::settle`]).
     pub async fn get(&self, eval_id: &str) -> Result<Option<Evaluation>, StoreError> {
-        let raw = self.tree.get(keys::eval(eval_id))?;
+        let raw = self.tree()?.get(keys::eval(eval_id))?;
         self.settle().await;
         match raw {
             Some(v) => Ok(Some(decode(&v)?)),
@@ -594,6 +717,7 @@ impl Store {
         limit: usize,
         after: Option<&str>,
     ) -> Result<(Vec<Evaluation>, Option<String>), StoreError> {
+        let tree = self.tree()?;
         let mut out: Vec<Evaluation> = Vec::with_capacity(limit.min(256));
         let mut more = false;
         let mut bytes = 0usize;
@@ -608,7 +732,7 @@ impl Store {
         match status {
             None => {
                 let hi = match after {
-                    Some(id) if !self.tree.contains_key(keys::eval(id))? => {
+                    Some(id) if !tree.contains_key(keys::eval(id))? => {
                         return Err(StoreError::NotFound)
                     }
                     Some(id) => keys::eval(id),
@@ -618,7 +742,7 @@ impl Store {
                         k
                     }
                 };
-                for item in self.tree.range(keys::EVAL.to_vec()..hi).rev() {
+                for item in tree.range(keys::EVAL.to_vec()..hi).rev() {
                     let (_, raw) = item?;
                     if !take(&raw, &mut out)? {
                         more = true;
@@ -628,7 +752,7 @@ impl Store {
             }
             Some(st) => {
                 let below = match after {
-                    Some(id) => match self.tree.get(keys::eval(id))? {
+                    Some(id) => match tree.get(keys::eval(id))? {
                         Some(raw) => decode::<Evaluation>(&raw)?.created_seq,
                         None => return Err(StoreError::NotFound),
                     },
@@ -636,10 +760,9 @@ impl Store {
                 };
                 let lo = keys::status(st.code(), 0);
                 let hi = keys::status(st.code(), below);
-                for item in self.tree.range(lo..hi).rev() {
+                for item in tree.range(lo..hi).rev() {
                     let (_, id) = item?;
-                    let Some(raw) = self.tree.get(keys::eval(&String::from_utf8_lossy(&id)))?
-                    else {
+                    let Some(raw) = tree.get(keys::eval(&String::from_utf8_lossy(&id)))? else {
                         continue;
                     };
                     if !take(&raw, &mut out)? {
@@ -667,7 +790,7 @@ impl Store {
         let mut out = Vec::new();
         let mut bytes = 0usize;
         for item in self
-            .tree
+            .tree()?
             .range(keys::log(after.saturating_add(1))..=keys::log(upto))
             .take(max)
         {
@@ -683,7 +806,7 @@ impl Store {
 
     /// The event at `seq`, if still retained.
     pub fn event(&self, seq: u64) -> Result<Option<Event>, StoreError> {
-        match self.tree.get(keys::log(seq))? {
+        match self.tree()?.get(keys::log(seq))? {
             Some(v) => Ok(Some(decode_event(&v)?)),
             None => Ok(None),
         }
@@ -691,7 +814,7 @@ impl Store {
 
     /// Lowest retained seq (head + 1 when the log is empty).
     pub fn oldest_seq(&self) -> Result<u64, StoreError> {
-        match self.tree.scan_prefix(keys::LOG).next().transpose()? {
+        match self.tree()?.scan_prefix(keys::LOG).next().transpose()? {
             Some((k, _)) => Ok(keys::tail_u64(&k).unwrap_or(0)),
             None => Ok(self.head() + 1),
         }
@@ -700,7 +823,7 @@ impl Store {
     /// A sink's saved cursor, if it has one.
     pub fn cursor(&self, sink: &str) -> Result<Option<u64>, StoreError> {
         Ok(self
-            .tree
+            .tree()?
             .get(keys::cursor(sink))?
             .and_then(|v| keys::tail_u64(&v)))
     }
@@ -713,7 +836,7 @@ impl Store {
     ) -> Result<Vec<String>, StoreError> {
         let mut out = Vec::new();
         for item in self
-            .tree
+            .tree()?
             .scan_prefix(keys::status_prefix(Status::Queued.code()))
         {
             let (_, id) = item?;
@@ -739,7 +862,7 @@ impl Store {
             None => keys::DEAD.to_vec(),
         };
         let mut out = Vec::new();
-        for item in self.tree.scan_prefix(prefix).take(limit) {
+        for item in self.tree()?.scan_prefix(prefix).take(limit) {
             let (_, v) = item?;
             out.push(decode(&v)?);
         }
@@ -748,7 +871,9 @@ impl Store {
 
     /// Number of dead letters of a sink.
     pub fn dead_letter_count(&self, sink: &str) -> u64 {
-        self.tree.scan_prefix(keys::dead_prefix(sink)).count() as u64
+        self.tree()
+            .map(|t| t.scan_prefix(keys::dead_prefix(sink)).count() as u64)
+            .unwrap_or(0)
     }
 
     /// Last seq covered by a completed flush.
@@ -778,8 +903,88 @@ impl Store {
 
     /// Bytes the store occupies on disk.
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.current()
+            .and_then(|h| h.db.size_on_disk().ok())
+            .unwrap_or(0)
     }
+
+    /// The open database, unless the writer is reopening it.
+    fn current(&self) -> Option<Handles> {
+        self.handles.read().ok().and_then(|h| h.clone())
+    }
+
+    /// The tree for a read.
+    fn tree(&self) -> Result<sled::Tree, StoreError> {
+        self.current().map(|h| h.tree).ok_or_else(|| {
+            StoreError::Storage(
+                "the store is reopening after a failed write (is the disk full?)".into(),
+            )
+        })
+    }
+
+    /// Measure the free space of the store's filesystem now; returns it.
+    pub fn check_space(&self) -> u64 {
+        let free = space::free_bytes(&self.path).unwrap_or(u64::MAX);
+        self.shared.free_bytes.store(free, Ordering::SeqCst);
+        free
+    }
+
+    /// Free bytes at the last check.
+    pub fn free_bytes(&self) -> u64 {
+        self.shared.free_bytes.load(Ordering::SeqCst)
+    }
+
+    /// The reserve (`[store] min_free_mb`) in bytes.
+    pub fn min_free_bytes(&self) -> u64 {
+        self.min_free_bytes
+    }
+
+    /// Whether free space is below the reserve (new work is refused).
+    pub fn low_on_space(&self) -> bool {
+        self.free_bytes() < self.min_free_bytes
+    }
+
+    /// Whether the last write succeeded.
+    pub fn is_healthy(&self) -> bool {
+        self.shared.healthy.load(Ordering::SeqCst)
+    }
+
+    /// The error to refuse new work with while space is below the reserve.
+    pub fn space_error(&self) -> Option<StoreError> {
+        self.low_on_space()
+            .then(|| space::insufficient(self.free_bytes(), self.min_free_bytes))
+    }
+}
+
+/// Layout 1 -> 2: index the terminal evaluations for retention (in one group after
+/// everything already logged, since the seq of their terminal event is not known) and
+/// the idempotency keys by evaluation. One atomic batch, then the layout version.
+fn upgrade_to_2(tree: &sled::Tree) -> Result<(), StoreError> {
+    let head = tree
+        .get(keys::META_HEAD)?
+        .and_then(|v| keys::tail_u64(&v))
+        .unwrap_or(0);
+    let mut batch = sled::Batch::default();
+    let mut n = 0u64;
+    for st in [Status::Completed, Status::Failed, Status::Cancelled] {
+        for item in tree.scan_prefix(keys::status_prefix(st.code())) {
+            let (_, id) = item?;
+            batch.insert(keys::terminal(head, &String::from_utf8_lossy(&id)), &[]);
+            n += 1;
+        }
+    }
+    for item in tree.scan_prefix(keys::IDEM) {
+        let (k, value) = item?;
+        let (id, _) = keys::parse_idem_value(&value);
+        batch.insert(keys::idem_of(&id), &k[keys::IDEM.len()..]);
+    }
+    batch.insert(keys::META_SCHEMA, &keys::SCHEMA_VERSION.to_be_bytes());
+    tree.apply_batch(batch)?;
+    tracing::info!(
+        terminal = n,
+        "store layout upgraded to 2 (retention indexes)"
+    );
+    Ok(())
 }
 
 /// Counters derived from the tree: the last seq ever assigned and how many evaluations
@@ -788,6 +993,7 @@ struct Counts {
     head: u64,
     queued: u64,
     running: u64,
+    evaluations: u64,
 }
 
 /// Recompute [`Counts`] from the tree (at open, and after a failed batch). The head is
@@ -806,6 +1012,7 @@ fn recount(tree: &sled::Tree) -> Result<Counts, StoreError> {
         head,
         queued: count(Status::Queued),
         running: count(Status::Running),
+        evaluations: tree.scan_prefix(keys::STATUS).count() as u64,
     })
 }
 
@@ -831,14 +1038,29 @@ impl Report for Store {
     fn health(&self) -> BoxFuture<'_, Health> {
         Box::pin(async move {
             let ok = self.shared.healthy.load(Ordering::SeqCst);
+            let free = self.free_bytes();
+            let low = self.low_on_space();
             let detail = serde_json::json!({
                 "ok": ok,
                 "head_seq": self.head(),
                 "oldest_seq": self.oldest_seq().ok(),
                 "size_on_disk_bytes": self.size_on_disk(),
+                "free_bytes": (free != u64::MAX).then_some(free),
+                "min_free_bytes": self.min_free_bytes,
+                "low_space": low,
+                "reopens": self.shared.reopens.load(Ordering::Relaxed),
+                "evaluations": self.evaluation_count(),
+                "evaluations_pruned": self.shared.evaluations_pruned.load(Ordering::Relaxed),
                 "last_error": self.shared.last_error.lock().ok().and_then(|e| e.clone()),
             });
-            let level = if ok { Level::Ok } else { Level::Unhealthy };
+            // Low on space: reads, results and deliveries go on; only new work waits.
+            let level = if !ok {
+                Level::Unhealthy
+            } else if low {
+                Level::Degraded
+            } else {
+                Level::Ok
+            };
             Health::new(level, detail)
         })
     }
@@ -859,6 +1081,34 @@ impl Report for Store {
             "crucible_store_size_bytes",
             "Bytes the sled store occupies on disk.",
             self.size_on_disk() as f64,
+        );
+        let free = self.free_bytes();
+        if free != u64::MAX {
+            e.gauge(
+                "crucible_store_free_bytes",
+                "Free bytes on the data dir's filesystem (for unprivileged use).",
+                free as f64,
+            );
+        }
+        e.gauge(
+            "crucible_store_min_free_bytes",
+            "The reserve ([store] min_free_mb): below it new evaluations are refused.",
+            self.min_free_bytes as f64,
+        );
+        e.gauge(
+            "crucible_store_evaluations",
+            "Evaluations stored (every status).",
+            self.evaluation_count() as f64,
+        );
+        e.counter(
+            "crucible_store_evaluations_pruned_total",
+            "Terminal evaluations removed by retention.",
+            s.evaluations_pruned.load(Ordering::Relaxed),
+        );
+        e.counter(
+            "crucible_store_reopens_total",
+            "Times the store was reopened after a failed write.",
+            s.reopens.load(Ordering::Relaxed),
         );
         e.counter(
             "crucible_store_batches_total",

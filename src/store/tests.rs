@@ -12,6 +12,7 @@ fn open(dir: &std::path::Path) -> Arc<Store> {
         flush_window: Duration::ZERO,
         max_batch: 64,
         node_id: None,
+        min_free_bytes: 0,
     })
     .expect("open store")
 }
@@ -27,6 +28,7 @@ async fn reopen(dir: &std::path::Path) -> Arc<Store> {
             flush_window: Duration::ZERO,
             max_batch: 64,
             node_id: None,
+            min_free_bytes: 0,
         }) {
             Ok(s) => return s,
             Err(e) if e.to_string().contains("in use") => {

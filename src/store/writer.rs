@@ -4,7 +4,10 @@
 //! Seqs are assigned here and only here, so they are strictly increasing without gaps:
 //! a batch that fails to apply leaves no trace and its seqs are reused by the next one.
 
-use super::{keys, DeadLetter, IdemKey, Op, Pruned, Shared, StoreError, Submitted, Tx};
+use super::{
+    describe, keys, open_db, DeadLetter, Handles, IdemKey, Op, Pruned, Shared, Slot, StoreError,
+    Submitted, Tx,
+};
 use crate::events::{Confirmation, Event, EventType};
 use crate::model::{now, Evaluation, Finish, NewEvaluation, Status, TransitionError};
 use crate::ops::metrics::Histogram;
@@ -47,8 +50,13 @@ impl Default for WriterStats {
 }
 
 pub(super) struct Writer {
-    pub(super) db: sled::Db,
-    pub(super) tree: sled::Tree,
+    /// The open database; `None` after a failed write until it is reopened.
+    pub(super) h: Option<Handles>,
+    /// Where readers find it.
+    pub(super) slot: Slot,
+    pub(super) cache_bytes: u64,
+    /// New submissions are refused below this much free space.
+    pub(super) min_free_bytes: u64,
     pub(super) node: String,
     pub(super) shared: Arc<Shared>,
     pub(super) head_tx: watch::Sender<u64>,
@@ -59,6 +67,8 @@ pub(super) struct Writer {
     pub(super) last_seq: u64,
     /// Directory of the sled database (for backups).
     pub(super) path: std::path::PathBuf,
+    /// The old database could not be let go after a failed write: only a restart helps.
+    pub(super) wedged: bool,
 }
 
 /// The in-progress batch and the overlay of what it changes, so that two operations on
@@ -66,6 +76,8 @@ pub(super) struct Writer {
 struct Pending<'a> {
     tree: &'a sled::Tree,
     node: &'a str,
+    /// Set when free space is below the reserve: submissions are refused with it.
+    refuse_new: Option<StoreError>,
     batch: sled::Batch,
     evals: HashMap<String, Evaluation>,
     /// Idempotency keys written in this batch: key -> (eval_id, fingerprint).
@@ -74,9 +86,17 @@ struct Pending<'a> {
     next_seq: u64,
     depth: u64,
     running: u64,
+    /// Evaluations stored, and how many this batch removed.
+    evaluations: u64,
+    evaluations_pruned: u64,
     pruned_upto: u64,
     events: u64,
+    /// Bytes of keys and values in the batch (to check there is room for it).
+    bytes: u64,
 }
+
+/// Room a batch needs beyond its own bytes: sled may start a new 512 KiB log segment.
+const SEGMENT_SLACK: u64 = 1024 * 1024;
 
 /// The answer to one operation, sent once the batch's flush is known: the flush error
 /// if it failed, else the operation's own result.
@@ -112,7 +132,9 @@ impl Writer {
             }
             self.commit(cmds);
         }
-        let _ = self.db.flush();
+        if let Some(h) = &self.h {
+            let _ = h.db.flush();
+        }
     }
 
     /// Take whatever else is pending, waiting up to the flush window for more.
@@ -137,9 +159,29 @@ impl Writer {
     }
 
     fn commit(&mut self, cmds: Vec<Op>) {
+        if self.h.is_none() {
+            if let Err(e) = self.reopen() {
+                return self.refuse_all(cmds, &e);
+            }
+        }
+        // Free space is checked for every batch that would add evaluations (one statvfs
+        // next to a flush): the reserve keeps room for results of running ones.
+        let refuse_new =
+            if self.min_free_bytes > 0 && cmds.iter().any(|op| matches!(op, Op::Submit { .. })) {
+                let free = super::space::free_bytes(&self.path).unwrap_or(u64::MAX);
+                self.shared.free_bytes.store(free, Ordering::SeqCst);
+                (free < self.min_free_bytes)
+                    .then(|| super::space::insufficient(free, self.min_free_bytes))
+            } else {
+                None
+            };
+        let Some(h) = self.h.clone() else {
+            return;
+        };
         let mut p = Pending {
-            tree: &self.tree,
+            tree: &h.tree,
             node: &self.node,
+            refuse_new,
             batch: sled::Batch::default(),
             evals: HashMap::new(),
             idem: HashMap::new(),
@@ -147,8 +189,11 @@ impl Writer {
             next_seq: self.last_seq,
             depth: self.shared.queue_depth.load(Ordering::SeqCst),
             running: self.shared.running.load(Ordering::SeqCst),
+            evaluations: self.shared.evaluations.load(Ordering::SeqCst),
+            evaluations_pruned: 0,
             pruned_upto: 0,
             events: 0,
+            bytes: 0,
         };
         let mut answers: Vec<Answer> = Vec::with_capacity(cmds.len());
         let mut backups: Vec<(Tx<super::BackupInfo>, std::path::PathBuf)> = Vec::new();
@@ -164,15 +209,34 @@ impl Writer {
             p.batch.insert(keys::META_HEAD, &new_seq.to_be_bytes());
         }
         let (depth, running, events) = (p.depth, p.running, p.events);
+        let (evaluations, evaluations_pruned) = (p.evaluations, p.evaluations_pruned);
         let batch = p.batch;
+        // sled must never meet a full disk: after a failed write it keeps the error
+        // forever and cannot even be closed cleanly. So a batch is applied only when the
+        // filesystem has room for it (its bytes twice, for the log and a rewrite of its
+        // pages, plus a new log segment); else it is refused before sled sees it, the
+        // store stays sound, and the same write succeeds once space is back.
+        if p.bytes > 0 {
+            if let Err(e) = self.ensure_room(p.bytes) {
+                for a in answers {
+                    a(Err(e.clone()));
+                }
+                for (reply, _) in backups {
+                    let _ = reply.send(Err(e.clone()));
+                }
+                self.shared.stats.errors.fetch_add(1, Ordering::Relaxed);
+                self.shared.batches_done.send_modify(|n| *n += 1);
+                return;
+            }
+        }
 
         let stats = &self.shared.stats;
         // Readers wait for the flush of anything they may see from here on.
         self.shared.applying.store(new_seq, Ordering::SeqCst);
-        let applied = self.tree.apply_batch(batch);
+        let applied = h.tree.apply_batch(batch);
         crate::ops::failpoint::hit("store.before_flush");
         let t = Instant::now();
-        let flushed = applied.and_then(|_| self.db.flush());
+        let flushed = applied.and_then(|_| h.db.flush());
         crate::ops::failpoint::hit("store.after_flush");
         stats.flush_seconds.observe(t.elapsed().as_secs_f64());
         stats.batches.fetch_add(1, Ordering::Relaxed);
@@ -184,6 +248,10 @@ impl Writer {
                 self.last_seq = new_seq;
                 self.shared.queue_depth.store(depth, Ordering::SeqCst);
                 self.shared.running.store(running, Ordering::SeqCst);
+                self.shared.evaluations.store(evaluations, Ordering::SeqCst);
+                self.shared
+                    .evaluations_pruned
+                    .fetch_add(evaluations_pruned, Ordering::Relaxed);
                 self.shared.head.store(new_seq, Ordering::SeqCst);
                 self.shared.healthy.store(true, Ordering::SeqCst);
                 stats.events.fetch_add(events, Ordering::Relaxed);
@@ -205,15 +273,21 @@ impl Writer {
             Err(e) => {
                 // The batch may or may not be on disk. Nobody is told "ok"; callers retry
                 // (submissions with an Idempotency-Key get the same id back).
-                let msg = format!("store write failed: {e}");
-                tracing::error!(error = %e, "store batch failed");
+                let msg = format!("store write failed: {}", describe(&e));
+                tracing::error!(error = %msg, "store batch failed");
                 stats.errors.fetch_add(1, Ordering::Relaxed);
                 self.shared.healthy.store(false, Ordering::SeqCst);
                 if let Ok(mut last) = self.shared.last_error.lock() {
                     *last = Some(msg.clone());
                 }
-                // Re-read what is actually there so counters and seqs stay truthful.
-                self.resync();
+                // sled keeps an I/O error forever: every later write would fail with it.
+                // Drop the database and open it again (now, or at the next operation or
+                // DiskWatch ping): what it then holds is what the disk holds, exactly as
+                // after a crash, and counters and seqs are recounted from it.
+                drop(h);
+                if let Err(e) = self.reopen() {
+                    tracing::warn!(error = %e, "the store cannot be reopened yet; retrying every second");
+                }
                 // Nothing more is coming for this batch: readers stop waiting for it.
                 let head = self.shared.head.load(Ordering::SeqCst);
                 self.shared.applying.store(head, Ordering::SeqCst);
@@ -290,13 +364,137 @@ impl Writer {
         Ok(info)
     }
 
+    /// Whether the filesystem has room for a batch of `bytes`. Below that, the ballast
+    /// file kept for this moment is given back first; if that is not enough either, the
+    /// batch is refused.
+    fn ensure_room(&mut self, bytes: u64) -> Result<(), StoreError> {
+        let need = bytes.saturating_mul(2) + SEGMENT_SLACK;
+        let mut free = super::space::free_bytes(&self.path).unwrap_or(u64::MAX);
+        if free < need && super::space::release_ballast(&self.path) {
+            tracing::warn!(
+                free_bytes = free,
+                "the disk is nearly full: released the store's ballast to finish writes"
+            );
+            free = super::space::free_bytes(&self.path).unwrap_or(u64::MAX);
+        }
+        self.shared.free_bytes.store(free, Ordering::SeqCst);
+        if free < need {
+            let msg = format!(
+                "no space left for this write on the data dir's filesystem ({} KiB free, \
+                 {} KiB needed); it was refused before reaching the store and will succeed \
+                 once space is freed",
+                free / 1024,
+                need.div_ceil(1024)
+            );
+            if let Ok(mut last) = self.shared.last_error.lock() {
+                *last = Some(msg.clone());
+            }
+            return Err(StoreError::Storage(msg));
+        }
+        Ok(())
+    }
+
+    /// Drop the database (readers see "reopening" meanwhile) and open it again; then
+    /// recount, and announce whatever the disk holds as durable.
+    fn reopen(&mut self) -> Result<(), StoreError> {
+        let old = self.h.take();
+        let shared_old = self.slot.write().ok().and_then(|mut slot| slot.take());
+        if old.is_some() || shared_old.is_some() {
+            // Dropping a database after a failed write flushes what it still holds,
+            // which may wait for a write that never completes: drop it on a thread of
+            // its own and wait a bounded time for it (and its file lock) to go.
+            let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+            let _ = std::thread::Builder::new()
+                .name("store-drop".into())
+                .spawn(move || {
+                    drop(old);
+                    drop(shared_old);
+                    let _ = done_tx.send(());
+                });
+            if done_rx.recv_timeout(Duration::from_secs(3)).is_err() {
+                self.wedged = true;
+            }
+        }
+        if self.wedged {
+            return Err(StoreError::Storage(
+                "the store cannot be reopened in this process after a failed write (sled \
+                 still holds the database); the appliance must be restarted"
+                    .into(),
+            ));
+        }
+        // sled's own threads let go of the dropped database a moment later.
+        let mut attempt = 0;
+        let h = loop {
+            match open_db(&self.path, self.cache_bytes) {
+                Ok(h) => break h,
+                Err(e) if attempt < 100 && e.to_string().contains("could not acquire lock") => {
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => {
+                    return Err(StoreError::Storage(format!(
+                        "the store cannot be reopened: {}",
+                        describe(&e)
+                    )))
+                }
+            }
+        };
+        self.h = Some(h.clone());
+        self.resync();
+        let head = self.last_seq;
+        self.shared.head.store(head, Ordering::SeqCst);
+        self.shared.applying.store(head, Ordering::SeqCst);
+        self.head_tx.send_if_modified(|x| {
+            let changed = *x != head;
+            *x = head;
+            changed
+        });
+        if let Ok(mut slot) = self.slot.write() {
+            *slot = Some(h);
+        }
+        self.shared.reopens.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(head_seq = head, "store reopened after a failed write");
+        Ok(())
+    }
+
+    /// Answer every operation of a batch that cannot be applied (the database is not
+    /// open). A ping still succeeds: the writer is alive (the systemd watchdog must not
+    /// restart a service that is only waiting for disk space).
+    fn refuse_all(&mut self, cmds: Vec<Op>, e: &StoreError) {
+        for op in cmds {
+            match op {
+                Op::Submit { reply, .. } => drop(reply.send(Err(e.clone()))),
+                Op::Start { reply, .. } | Op::Finish { reply, .. } | Op::Progress { reply, .. } => {
+                    drop(reply.send(Err(e.clone())))
+                }
+                Op::Cancel { reply, .. } => drop(reply.send(Err(e.clone()))),
+                Op::InterruptRunning { reply } => drop(reply.send(Err(e.clone()))),
+                Op::SetCursor { reply, .. }
+                | Op::Confirm { reply, .. }
+                | Op::DeadLetter { reply, .. } => drop(reply.send(Err(e.clone()))),
+                Op::Prune { reply, .. } => drop(reply.send(Err(e.clone()))),
+                Op::Replay { reply, .. } => drop(reply.send(Err(e.clone()))),
+                Op::PruneEvaluations { reply, .. } => drop(reply.send(Err(e.clone()))),
+                Op::Backup { reply, .. } => drop(reply.send(Err(e.clone()))),
+                // A wedged store fails the watchdog's ping: systemd restarts the service.
+                Op::Ping { reply } if self.wedged => drop(reply.send(Err(e.clone()))),
+                Op::Ping { reply } | Op::Shutdown { reply } => drop(reply.send(Ok(()))),
+            }
+        }
+        self.shared.batches_done.send_modify(|n| *n += 1);
+    }
+
     /// After a failed batch: recompute the last seq and the counters from the tree.
     fn resync(&mut self) {
-        match super::recount(&self.tree) {
+        let Some(h) = &self.h else { return };
+        match super::recount(&h.tree) {
             Ok(c) => {
                 self.last_seq = c.head.max(self.last_seq);
                 self.shared.queue_depth.store(c.queued, Ordering::SeqCst);
                 self.shared.running.store(c.running, Ordering::SeqCst);
+                self.shared
+                    .evaluations
+                    .store(c.evaluations, Ordering::SeqCst);
             }
             Err(e) => tracing::error!(error = %e, "cannot recount the store"),
         }
@@ -361,6 +559,16 @@ impl Pending<'_> {
                 from_seq,
                 reply,
             } => answer(reply, self.replay(&sink, from_seq)),
+            Op::PruneEvaluations {
+                sinks,
+                older_than,
+                keep,
+                max,
+                reply,
+            } => answer(
+                reply,
+                self.prune_evaluations(&sinks, older_than.as_deref(), keep, max),
+            ),
             Op::Shutdown { reply } | Op::Ping { reply } => answer(reply, Ok(())),
             Op::Backup { reply, .. } => answer(
                 reply,
@@ -391,7 +599,10 @@ impl Pending<'_> {
             rec.created_seq = self.next_seq + 1;
         }
         let rec_json = json(&rec);
-        self.append_event(kind, &rec, &rec_json);
+        let seq = self.append_event(kind, &rec, &rec_json);
+        if rec.status.is_terminal() && prev.is_some_and(|p| !p.is_terminal()) {
+            self.batch.insert(keys::terminal(seq, &rec.eval_id), &[]);
+        }
         if let Some(old) = prev {
             if old != rec.status {
                 self.batch.remove(keys::status(old.code(), rec.created_seq));
@@ -401,6 +612,7 @@ impl Pending<'_> {
             keys::status(rec.status.code(), rec.created_seq),
             rec.eval_id.as_bytes(),
         );
+        self.bytes += rec_json.len() as u64 + 64;
         self.batch.insert(keys::eval(&rec.eval_id), rec_json);
         let id = rec.eval_id.clone();
         self.evals.entry(id).insert_entry(rec).into_mut()
@@ -422,6 +634,7 @@ impl Pending<'_> {
             },
             rec_json,
         );
+        self.bytes += event_json.len() as u64 + 16;
         self.batch.insert(keys::log(seq), event_json);
         self.events += 1;
         seq
@@ -445,17 +658,12 @@ impl Pending<'_> {
         max_queued: u64,
     ) -> Result<Vec<Submitted>, StoreError> {
         if let Some(k) = &idem_key {
-            // Stored as `<eval_id> <fingerprint>` (keys written before fingerprints were
-            // kept hold the eval_id alone, and match any request).
             let existing = match self.idem.get(&k.key) {
                 Some((id, fp)) => Some((id.clone(), Some(fp.clone()))),
-                None => self.tree.get(keys::idem(&k.key))?.map(|v| {
-                    let text = String::from_utf8_lossy(&v).to_string();
-                    match text.split_once(' ') {
-                        Some((id, fp)) => (id.to_string(), Some(fp.to_string())),
-                        None => (text, None),
-                    }
-                }),
+                None => self
+                    .tree
+                    .get(keys::idem(&k.key))?
+                    .map(|v| keys::parse_idem_value(&v)),
             };
             if let Some((id, fp)) = existing {
                 if let Some(rec) = self.load(&id)? {
@@ -469,6 +677,10 @@ impl Pending<'_> {
                     }]);
                 }
             }
+        }
+        // A retry of an accepted submission still finds it; only new ones are refused.
+        if let Some(e) = &self.refuse_new {
+            return Err(e.clone());
         }
         let n = evals.len() as u64;
         if self.depth + n > max_queued {
@@ -491,6 +703,7 @@ impl Pending<'_> {
             let id = rec.eval_id.clone();
             self.put(rec, None, kind);
             self.depth += 1;
+            self.evaluations += 1;
             out.push(Submitted {
                 eval_id: id,
                 status: Status::Queued,
@@ -498,8 +711,10 @@ impl Pending<'_> {
             });
         }
         if let (Some(k), Some(first)) = (idem_key, out.first()) {
-            let value = format!("{} {}", first.eval_id, k.fingerprint);
+            let value = keys::idem_value(&first.eval_id, &k.fingerprint);
             self.batch.insert(keys::idem(&k.key), value.as_bytes());
+            self.batch
+                .insert(keys::idem_of(&first.eval_id), k.key.as_bytes());
             self.idem
                 .insert(k.key, (first.eval_id.clone(), k.fingerprint));
         }
@@ -599,7 +814,9 @@ impl Pending<'_> {
             dead_at: now(),
             event,
         };
-        self.batch.insert(keys::dead(sink, seq), json(&dl));
+        let dl = json(&dl);
+        self.bytes += dl.len() as u64 + 64;
+        self.batch.insert(keys::dead(sink, seq), dl);
         let cur = self.cursor_of(sink)?.unwrap_or(0);
         if seq > cur {
             self.put_cursor(sink, seq);
@@ -656,6 +873,70 @@ impl Pending<'_> {
         }
         let oldest = self.oldest()?;
         Ok(Pruned { removed, oldest })
+    }
+
+    fn prune_evaluations(
+        &mut self,
+        sinks: &[String],
+        older_than: Option<&str>,
+        keep: u64,
+        max: usize,
+    ) -> Result<u64, StoreError> {
+        // Everything up to `floor` has reached every sink.
+        let oldest = self.oldest()?;
+        let mut floor = self.next_seq;
+        for s in sinks {
+            let c = self.cursor_of(s)?.unwrap_or(oldest.saturating_sub(1));
+            floor = floor.min(c);
+        }
+        let mut removed = 0u64;
+        for item in self.tree.scan_prefix(keys::TERMINAL) {
+            if removed as usize >= max {
+                break;
+            }
+            let (k, _) = item?;
+            let rest = &k[keys::TERMINAL.len()..];
+            if rest.len() < 8 {
+                continue;
+            }
+            let seq = keys::tail_u64(&rest[..8]).unwrap_or(u64::MAX);
+            if seq > floor {
+                break; // not delivered everywhere yet; nor is anything after it
+            }
+            let id = String::from_utf8_lossy(&rest[8..]).to_string();
+            let Some(rec) = self.load(&id)? else {
+                // A record already gone: drop its index entry.
+                self.batch.remove(k);
+                continue;
+            };
+            let over = keep > 0 && self.evaluations > keep;
+            let old =
+                older_than.is_some_and(|t| rec.completed_at.as_deref().is_some_and(|c| c < t));
+            if !(over || old) {
+                break; // everything after it ended later
+            }
+            self.batch.remove(keys::eval(&id));
+            self.batch
+                .remove(keys::status(rec.status.code(), rec.created_seq));
+            self.batch.remove(k);
+            if let Some(key) = self.tree.get(keys::idem_of(&id))? {
+                let ik = keys::idem(&String::from_utf8_lossy(&key));
+                if self
+                    .tree
+                    .get(&ik)?
+                    .is_some_and(|v| keys::parse_idem_value(&v).0 == id)
+                {
+                    self.batch.remove(ik);
+                }
+                self.batch.remove(keys::idem_of(&id));
+            }
+            self.evals.remove(&id);
+            self.evaluations = self.evaluations.saturating_sub(1);
+            self.evaluations_pruned += 1;
+            self.bytes += 64;
+            removed += 1;
+        }
+        Ok(removed)
     }
 
     fn replay(&mut self, sink: &str, from_seq: u64) -> Result<u64, StoreError> {

@@ -144,3 +144,79 @@ async fn a_second_server_on_the_same_data_dir_is_refused_clearly() {
     // The first one is unaffected.
     assert_eq!(s.get("/health").await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_commands_read_the_servers_config_for_address_and_token() {
+    let s = Server::start_with("", &[("CRUCIBLE_API_TOKEN", "s3cret-token")]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "s3cret-token\n").expect("write");
+    // The server's configuration as an operator has it: its address and a token file.
+    let cfg = dir.path().join("crucible.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = {:?}\napi_token_file = {:?}\n",
+            s.addr,
+            token_file.display().to_string()
+        ),
+    )
+    .expect("write");
+    let code_file = dir.path().join("x.py");
+    std::fs::write(&code_file, "print(6 * 7)\n").expect("write");
+    let (c, f) = (
+        cfg.to_str().expect("p").to_string(),
+        code_file.to_str().expect("p").to_string(),
+    );
+    let (code, out, err) = tokio::task::spawn_blocking({
+        let (c, f) = (c.clone(), f.clone());
+        move || run(&["submit", &f, "--wait", "--config", &c], &[])
+    })
+    .await
+    .expect("join");
+    assert_eq!(code, 0, "{out}{err}");
+    let rec: Value = serde_json::from_str(&out).expect("record json");
+    assert_eq!(rec["output"], "42\n");
+
+    // Precedence: --token over the environment over the file; --server and
+    // CRUCIBLE_URL over the file's address.
+    let (code, _, err) = tokio::task::spawn_blocking({
+        let (c, f) = (c.clone(), f.clone());
+        move || run(&["submit", &f, "--config", &c, "--token", "wrong"], &[])
+    })
+    .await
+    .expect("join");
+    assert_eq!(code, 1);
+    assert!(err.contains("401") && err.contains("unauthorized"), "{err}");
+    let (code, _, err) = tokio::task::spawn_blocking({
+        let (c, f) = (c.clone(), f.clone());
+        move || {
+            run(
+                &["submit", &f, "--config", &c],
+                &[("CRUCIBLE_API_TOKEN", "wrong")],
+            )
+        }
+    })
+    .await
+    .expect("join");
+    assert_eq!(code, 1, "the environment's token wins over the file: {err}");
+    let (code, _, err) = tokio::task::spawn_blocking({
+        let (c, f) = (c.clone(), f.clone());
+        move || {
+            run(
+                &["submit", &f, "--config", &c],
+                &[("CRUCIBLE_URL", "http://127.0.0.1:9")],
+            )
+        }
+    })
+    .await
+    .expect("join");
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("127.0.0.1:9"),
+        "CRUCIBLE_URL wins over the file: {err}"
+    );
+    // An explicit config that cannot be read is an error, not a silent default.
+    let (code, _, err) = run(&["status", "x", "--config", "/nonexistent/c.toml"], &[]);
+    assert_eq!(code, 78, "{err}");
+}

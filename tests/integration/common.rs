@@ -95,6 +95,28 @@ impl Server {
         s
     }
 
+    /// A server whose data dir is prepared by `setup` (given its path, created) before
+    /// the first start: e.g. a small filesystem mounted there.
+    pub async fn start_prepared(extra_toml: &str, setup: impl FnOnce(&Path)) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("crucible.toml"), config_text(extra_toml))
+            .expect("write config");
+        let mut s = Server {
+            child: None,
+            dir,
+            client: Client::new("http://127.0.0.1:1", None).expect("client"),
+            addr: String::new(),
+            token: None,
+            env: Vec::new(),
+            starts: 0,
+            user: None,
+        };
+        std::fs::create_dir_all(s.data_dir()).expect("data dir");
+        setup(&s.data_dir());
+        s.spawn().await;
+        s
+    }
+
     /// A server run as an unprivileged user (`nobody`): no cgroup hierarchy of its own
     /// can be had, as for a `cargo run` by an ordinary user.
     pub async fn start_unprivileged(extra_toml: &str) -> Server {

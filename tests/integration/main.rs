@@ -10,6 +10,7 @@ mod common;
 mod containment;
 mod corpus;
 mod crash;
+mod disk;
 mod docker;
 mod hostile;
 mod judge;

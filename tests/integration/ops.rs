@@ -197,3 +197,67 @@ impl Drop for RestoredServer {
         let _ = self.child.wait();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_token_and_refuses_a_broken_file() {
+    let mut s = Server::start("api_token = \"old-token-1\"").await;
+    let base = format!("http://{}", s.addr);
+    let old = crucible::client::Client::new(&base, Some("old-token-1".into())).expect("client");
+    let new = crucible::client::Client::new(&base, Some("new-token-2".into())).expect("client");
+    let status = |c: &crucible::client::Client| {
+        let c = c.clone();
+        async move { c.get("/api/evaluations").await.expect("GET").status }
+    };
+    assert_eq!(status(&old).await, 200);
+    assert_eq!(status(&new).await, 401);
+
+    s.set_config("api_token = \"new-token-2\"\nworkers = 3\n[limits]\nmax_code_bytes = 2048");
+    let pid = s.pid() as i32;
+    let hup = move || unsafe { libc::kill(pid, libc::SIGHUP) };
+    hup();
+    let started = Instant::now();
+    while status(&new).await != 200 {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "reload not applied:\n{}",
+            s.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status(&old).await, 401, "the old token no longer works");
+    // A live limit applies to the next request.
+    let big = new
+        .post_json("/api/eval", &json!({"code": "#".repeat(4096)}))
+        .await
+        .expect("POST");
+    assert_eq!(big.status, 422, "{}", big.text());
+    let log = s.log();
+    assert!(
+        log.contains("reload: applied") && log.contains("api_token"),
+        "{log}"
+    );
+    assert!(
+        log.contains("takes effect after a restart") && log.contains("workers"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("new-token-2"),
+        "the token itself is never logged"
+    );
+
+    // A broken file is refused; the running configuration stays.
+    s.set_config("api_token = \"third-token\"\nworkers = \"many\"");
+    hup();
+    let started = Instant::now();
+    while !s.log().contains("reload refused") {
+        assert!(started.elapsed() < DEADLINE, "no refusal:\n{}", s.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        status(&new).await,
+        200,
+        "still serving with the running config"
+    );
+    assert_eq!(s.get("/health").await.status, 200);
+    assert!(s.terminate().success());
+}

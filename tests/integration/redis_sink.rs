@@ -226,3 +226,64 @@ async fn a_crash_between_delivery_and_cursor_redelivers_the_same_event_ids() {
     assert_eq!(after.len() as u64, head + 1);
     check_stream(&after, head);
 }
+
+/// Wait until `/health` satisfies `f`; returns how long it took and the last answer.
+async fn health_until(s: &Server, f: impl Fn(&Value) -> bool) -> (Duration, Value) {
+    let started = Instant::now();
+    loop {
+        let h = s.health().await;
+        if f(&h) {
+            return (started.elapsed(), h);
+        }
+        assert!(started.elapsed() < DEADLINE, "health never changed: {h}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_of_redis_or_postgres_shows_in_health_at_once() {
+    let mut redis = RedisServer::start();
+    let mut pg = crate::common::PgServer::start();
+    let s = Server::start_with(
+        "",
+        &[("REDIS_URL", &redis.url()), ("DATABASE_URL", &pg.url())],
+    )
+    .await;
+    let (_, h) = health_until(&s, |h| {
+        h["redis"]["connected"] == true && h["postgres"]["reachable"] == true
+    })
+    .await;
+    assert_eq!(h["status"], "ok", "{h}");
+
+    // No traffic at all: only the connection checks can notice.
+    redis.kill();
+    let (took, h) = health_until(&s, |h| h["redis"]["connected"] == false).await;
+    assert_eq!(h["status"], "degraded", "{h}");
+    eprintln!(
+        "redis outage seen in /health after {:.2} s",
+        took.as_secs_f64()
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "redis outage seen after {took:?}"
+    );
+    redis.restart();
+    health_until(&s, |h| h["redis"]["connected"] == true).await;
+
+    pg.kill();
+    let (took, h) = health_until(&s, |h| h["postgres"]["reachable"] == false).await;
+    assert_eq!(h["status"], "degraded", "{h}");
+    assert!(h["postgres"]["last_check_error"].is_string(), "{h}");
+    eprintln!(
+        "postgres outage seen in /health after {:.2} s",
+        took.as_secs_f64()
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "postgres outage seen after {took:?}"
+    );
+    pg.restart();
+    let (_, h) = health_until(&s, |h| h["postgres"]["reachable"] == true).await;
+    let _ = h;
+    health_until(&s, |h| h["status"] == "ok").await;
+}
