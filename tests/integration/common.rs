@@ -70,27 +70,15 @@ impl Server {
 
     /// Same, with extra environment variables for the server process.
     pub async fn start_with(extra_toml: &str, env: &[(&str, &str)]) -> Server {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("crucible.toml"), config_text(extra_toml))
-            .expect("write config");
-        let token = env
+        let mut s = Server::start_deferred(extra_toml);
+        s.token = env
             .iter()
             .find(|(k, _)| *k == "CRUCIBLE_API_TOKEN")
             .map(|(_, v)| v.to_string());
-        let mut s = Server {
-            child: None,
-            dir,
-            client: Client::new("http://127.0.0.1:1", None).expect("client"),
-            addr: String::new(),
-            token,
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            starts: 0,
-            user: None,
-            session_key: None,
-        };
+        s.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         s.spawn().await;
         s
     }
@@ -98,19 +86,7 @@ impl Server {
     /// A server whose data dir is prepared by `setup` (given its path, created) before
     /// the first start: e.g. a small filesystem mounted there.
     pub async fn start_prepared(extra_toml: &str, setup: impl FnOnce(&Path)) -> Server {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("crucible.toml"), config_text(extra_toml))
-            .expect("write config");
-        let mut s = Server {
-            child: None,
-            dir,
-            client: Client::new("http://127.0.0.1:1", None).expect("client"),
-            addr: String::new(),
-            token: None,
-            env: Vec::new(),
-            starts: 0,
-            user: None,
-        };
+        let mut s = Server::start_deferred(extra_toml);
         std::fs::create_dir_all(s.data_dir()).expect("data dir");
         setup(&s.data_dir());
         s.spawn().await;
@@ -120,20 +96,8 @@ impl Server {
     /// A server run as an unprivileged user (`nobody`): no cgroup hierarchy of its own
     /// can be had, as for a `cargo run` by an ordinary user.
     pub async fn start_unprivileged(extra_toml: &str) -> Server {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("crucible.toml"), config_text(extra_toml))
-            .expect("write config");
-        let mut s = Server {
-            child: None,
-            dir,
-            client: Client::new("http://127.0.0.1:1", None).expect("client"),
-            addr: String::new(),
-            token: None,
-            env: Vec::new(),
-            starts: 0,
-            user: Some((65534, 65534)),
-            session_key: None,
-        };
+        let mut s = Server::start_deferred(extra_toml);
+        s.user = Some((65534, 65534));
         std::fs::create_dir_all(s.data_dir()).expect("data dir");
         for p in [s.dir.path().to_path_buf(), s.data_dir()] {
             std::os::unix::fs::chown(&p, Some(65534), Some(65534)).expect("chown");
@@ -150,6 +114,7 @@ impl Server {
         s
     }
 
+    /// A server with its directory and config written, not started yet.
     fn start_deferred(extra_toml: &str) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("crucible.toml"), config_text(extra_toml))
