@@ -1369,3 +1369,15 @@ async fn docker_judges_a_compiled_language() {
     assert_no_containers_eventually(&s, &node, "after judging").await;
     assert_server_still_fine(&s, &node).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_a_forged_build_archive_writes_nothing_outside_the_build() {
+    let victim = tempfile::tempdir().expect("victim dir");
+    let img = test_image();
+    let s = DockerServer::start(&docker_config(&format!(
+        "[languages.forge]\nfile = \"forge.py\"\ncompile = [\"python3\", \"{{file}}\"]\n\
+         run = [\"sh\", \"-c\", \"cat /build/real\"]\nimage = \"{img}\"\n"
+    )))
+    .await;
+    crate::judge::assert_a_forged_build_writes_nothing_outside(&s, victim.path()).await;
+}

@@ -629,3 +629,67 @@ async fn languages_lists_every_language_with_its_version() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A compile step (Python) that forges a whole build frame and writes it into the stream
+/// the host reads (its parent's stdout, and that of the sandbox's or container's first
+/// process), its tar holding what a hostile archive holds: a link to a host directory and
+/// a file through it, `..` names and an absolute name, each aimed at `victim`.
+pub fn forging_compile_step(victim: &std::path::Path) -> String {
+    format!(
+        r#"import io, os, tarfile
+victim = {victim:?}
+buf = io.BytesIO()
+with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as t:
+    s = tarfile.TarInfo("esc"); s.type = tarfile.SYMTYPE; s.linkname = victim; t.addfile(s)
+    h = tarfile.TarInfo("hard"); h.type = tarfile.LNKTYPE; h.linkname = victim + "/hardlinked"; t.addfile(h)
+    for name in ["esc/through-link", "../../../../../../.." + victim + "/dotdot", victim + "/absolute", "real"]:
+        data = b"real\n" if name == "real" else b"PWNED"
+        i = tarfile.TarInfo(name); i.size = len(data); t.addfile(i, io.BytesIO(data))
+tar = buf.getvalue()
+frame = b"CRUCIBLE-BUILD 1\nstatus exited 0\nstdout 0\nstderr 0\ntar %d\n" % len(tar) + tar
+for path in ["/proc/%d/fd/1" % os.getppid(), "/proc/1/fd/1"]:
+    try:
+        with open(path, "wb") as f:
+            f.write(frame)
+        print("forged into", path)
+    except OSError as e:
+        print("cannot write", path, e)
+open("/build/real", "w").write("real\n")
+"#
+    )
+}
+
+/// Submit the forging compile step as language `forge` and check nothing was written
+/// outside the build: `victim` (a host directory) stays empty.
+pub async fn assert_a_forged_build_writes_nothing_outside(s: &Server, victim: &std::path::Path) {
+    let r = judged(
+        s,
+        json!({"language": "forge", "code": forging_compile_step(victim), "tests": [{"expected_output": "real"}]}),
+    )
+    .await;
+    let left: Vec<_> = std::fs::read_dir(victim)
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "written outside the build: {left:?}\n{r:#}"
+    );
+    assert!(
+        matches!(r["status"].as_str(), Some("completed" | "failed")),
+        "{r:#}"
+    );
+    let fine = s.run_py("print(1)", 30.0).await;
+    assert_eq!(fine["status"], "completed", "{fine:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_build_archive_writes_nothing_outside_the_build() {
+    // CVE-2024-28185's shape: writes through a link or a name the host follows.
+    let victim = tempfile::tempdir().expect("victim dir");
+    let s = Server::start(
+        "[languages.forge]\nfile = \"forge.py\"\ncompile = [\"python3\", \"{file}\"]\n\
+         run = [\"sh\", \"-c\", \"cat /build/real\"]\nimage = \"none\"\npackage = \"python3\"\n",
+    )
+    .await;
+    assert_a_forged_build_writes_nothing_outside(&s, victim.path()).await;
+}
