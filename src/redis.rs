@@ -102,6 +102,21 @@ impl Redis {
     }
 }
 
+impl Redis {
+    /// One check: connected, and a PING answered within 1 s.
+    async fn check(&self) -> Result<(), String> {
+        if !self.client.is_connected() {
+            return Err("not connected".to_string());
+        }
+        let ping = self.client.ping::<String>(None);
+        match tokio::time::timeout(Duration::from_secs(1), ping).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("no answer to PING within 1 s".to_string()),
+        }
+    }
+}
+
 /// PINGs Redis every second over the appliance's connection (1 s timeout), so a dead
 /// server shows in `/health` at once, not when a delivery times out.
 pub struct RedisProbe(pub Arc<Redis>);
@@ -117,17 +132,7 @@ impl Worker for RedisProbe {
     ) -> BoxFuture<'a, Result<State, String>> {
         Box::pin(async move {
             let r = &self.0;
-            let result = if !r.client.is_connected() {
-                Err("not connected".to_string())
-            } else {
-                let ping = r.client.ping::<String>(None);
-                match tokio::time::timeout(Duration::from_secs(1), ping).await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err("no answer to PING within 1 s".to_string()),
-                }
-            };
-            r.probe.record("redis", result);
+            r.probe.record("redis", r.check().await);
             Ok(State::Idle)
         })
     }
@@ -144,6 +149,11 @@ impl Report for Redis {
 
     fn health(&self) -> BoxFuture<'_, Health> {
         Box::pin(async move {
+            // Down at the last check: look again now, so that a server that is back shows
+            // as back (at most 1 s more for this request).
+            if self.probe.checked() && !self.probe.is_up() {
+                self.probe.record("redis", self.check().await);
+            }
             let up = self.is_connected() && self.probe.is_up();
             let level = if self.probe.checked() && !up {
                 Level::Degraded

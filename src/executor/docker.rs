@@ -46,6 +46,8 @@ const TMP_INODES: u64 = 16384;
 pub const LABEL_NODE: &str = "crucible.node";
 /// Label carrying the eval_id (`warm` for a pool container not yet used).
 pub const LABEL_EVAL: &str = "crucible.eval_id";
+/// Label carrying the language the container was made for.
+pub const LABEL_LANGUAGE: &str = "crucible.language";
 
 #[derive(Debug, Clone)]
 struct Lang {
@@ -146,9 +148,13 @@ pub struct DockerExecutor {
     pull: bool,
     create_attempts: u32,
     warm_target: usize,
-    /// Memory the engine may hand out at once: (workers + warm containers) x memory limit.
+    /// Memory the engine may hand out at once (see [`memory_budget`]).
     memory_budget_bytes: u64,
     warm: Mutex<HashMap<String, VecDeque<Slot>>>,
+    /// Language -> when the warm pool may try it again after it could not create one (an
+    /// image that is missing and cannot be pulled must not hold up the other languages,
+    /// nor fill the log every few seconds).
+    warm_retry: Mutex<HashMap<String, Instant>>,
     refill: Notify,
     /// The warm-pool worker, stopped at shutdown so nothing it creates outlives the process.
     pool: Arc<Runner>,
@@ -161,6 +167,14 @@ pub struct DockerExecutor {
     image_problems: Mutex<HashMap<String, String>>,
     state: Mutex<EngineState>,
     pub stats: DockerStats,
+}
+
+/// Memory the engine may hand out at once: each worker's run at the largest language
+/// limit, plus every warm container at its language's limit.
+fn memory_budget(workers: usize, warm_pool: usize, limits: &HashMap<String, RunLimits>) -> u64 {
+    let largest = limits.values().map(|l| l.memory_mb).max().unwrap_or(0);
+    let warm: u64 = limits.values().map(|l| l.memory_mb).sum::<u64>() * warm_pool as u64;
+    (workers as u64 * largest + warm) * 1024 * 1024
 }
 
 /// The container's own memory limit sits this far above its parent's, so that the tree
@@ -236,6 +250,7 @@ impl DockerExecutor {
             Ok(p) => (Some(p), None),
             Err(e) => (None, Some(e)),
         };
+        let memory_budget = memory_budget(cfg.workers, cfg.docker.warm_pool, &max_limits);
         Ok(Arc::new(DockerExecutor {
             docker,
             node: node.to_string(),
@@ -253,12 +268,9 @@ impl DockerExecutor {
             pull: cfg.docker.pull,
             create_attempts: cfg.docker.create_attempts,
             warm_target: cfg.docker.warm_pool,
-            memory_budget_bytes: (cfg.workers as u64
-                + (cfg.docker.warm_pool * cfg.languages.len()) as u64)
-                * l.memory_mb
-                * 1024
-                * 1024,
+            memory_budget_bytes: memory_budget,
             warm: Mutex::new(HashMap::new()),
+            warm_retry: Mutex::new(HashMap::new()),
             refill: Notify::new(),
             pool: Runner::new(shutdown),
             removals: tokio_util::task::TaskTracker::new(),
@@ -339,7 +351,7 @@ impl DockerExecutor {
                 tracing::warn!(
                     memory_budget_mb = budget_mb,
                     host_memory_mb = total / (1024 * 1024),
-                    "(workers + warm_pool x languages) x limits.memory_mb exceeds this host's memory; lower one of them"
+                    "workers x the largest memory_mb + warm_pool x every language's memory_mb exceeds this host's memory; lower one of them, or disable languages you do not use"
                 );
             }
         }
@@ -485,6 +497,7 @@ impl DockerExecutor {
         let mut labels = HashMap::new();
         labels.insert(LABEL_NODE.to_string(), self.node.clone());
         labels.insert(LABEL_EVAL.to_string(), eval.to_string());
+        labels.insert(LABEL_LANGUAGE.to_string(), lang.name.clone());
         let mut tmpfs = HashMap::new();
         tmpfs.insert(
             "/tmp".to_string(),
@@ -667,7 +680,18 @@ impl DockerExecutor {
 
     /// Create (and start) warm containers until every language has `warm_pool` of them.
     async fn fill_pool(&self, stop: &CancellationToken) {
+        /// How long a language whose warm container could not be made is left alone.
+        const WARM_RETRY: Duration = Duration::from_secs(60);
         for (name, lang) in &self.languages {
+            let later = self
+                .warm_retry
+                .lock()
+                .ok()
+                .and_then(|r| r.get(name).copied())
+                .is_some_and(|at| at > Instant::now());
+            if later {
+                continue;
+            }
             loop {
                 let have = self
                     .warm
@@ -697,9 +721,28 @@ impl DockerExecutor {
                         if let Ok(mut w) = self.warm.lock() {
                             w.entry(name.clone()).or_default().push_back(slot);
                         }
+                        if let Ok(mut r) = self.warm_retry.lock() {
+                            r.remove(name);
+                        }
                     }
                     Err(e) => {
-                        tracing::warn!(language = %name, error = %e, "warm pool: cannot create");
+                        let again = self
+                            .warm_retry
+                            .lock()
+                            .map(|mut r| r.insert(name.clone(), Instant::now() + WARM_RETRY))
+                            .ok()
+                            .flatten()
+                            .is_some();
+                        if again {
+                            tracing::debug!(language = %name, error = %e, "warm pool: still cannot create");
+                        } else {
+                            tracing::warn!(
+                                language = %name,
+                                error = %e,
+                                retry_secs = WARM_RETRY.as_secs(),
+                                "warm pool: cannot create; the other languages are not held up"
+                            );
+                        }
                         break;
                     }
                 }

@@ -218,9 +218,11 @@ impl Postgres {
 /// 1 s. A server that is gone shows in `/health` at once, not at the next delivery.
 pub struct PostgresProbe(pub Arc<Postgres>);
 
-impl PostgresProbe {
+impl Postgres {
+    /// One check: the sync's connection is not closed, and the server accepts a
+    /// connection within 1 s.
     async fn check(&self) -> Result<(), String> {
-        let pg = &self.0;
+        let pg = self;
         if let Ok(guard) = pg.client.try_lock() {
             if guard.as_ref().is_some_and(|c| c.client.is_closed()) {
                 return Err("the connection was closed".into());
@@ -263,7 +265,7 @@ impl Worker for PostgresProbe {
         _stop: &'a CancellationToken,
     ) -> BoxFuture<'a, Result<State, String>> {
         Box::pin(async move {
-            let r = self.check().await;
+            let r = self.0.check().await;
             self.0.probe.record("postgres", r);
             Ok(State::Idle)
         })
@@ -281,6 +283,11 @@ impl Report for Postgres {
 
     fn health(&self) -> BoxFuture<'_, Health> {
         Box::pin(async move {
+            // Down at the last check: look again now, so that a server that is back shows
+            // as back (at most 1 s more for this request).
+            if self.probe.checked() && !self.probe.is_up() {
+                self.probe.record("postgres", self.check().await);
+            }
             Health::new(
                 self.probe.level(),
                 json!({

@@ -1025,15 +1025,10 @@ async fn docker_missing_image_is_an_executor_error() {
 // ---------------------------------------------------------------------------------------
 
 /// The language a container was created for, from its bootstrap command.
-fn container_language(c: &Value) -> &'static str {
-    let cmd = c["Config"]["Cmd"].to_string();
-    if cmd.contains("/tmp/main.py") {
-        "python"
-    } else if cmd.contains("/tmp/main.sh") {
-        "sh"
-    } else {
-        "unknown"
-    }
+fn container_language(c: &Value) -> &str {
+    c["Config"]["Labels"]["crucible.language"]
+        .as_str()
+        .unwrap_or("unknown")
 }
 
 /// Wait until the pool holds exactly `per_language` unused (`created`) containers for
@@ -1139,10 +1134,20 @@ async fn docker_warm_pool_serves_each_container_once() {
         metric(&s, "crucible_docker_warm_hits_total").await >= 2.0,
         "warm hits (first python and the sh run at least)"
     );
-    // Warm containers carry the full limit: (1 worker + 2 x 2 warm) x 256 MiB.
+    // Warm containers carry their language's full limit: 1 worker x the largest limit
+    // + 2 warm x every language's limit.
+    let langs = s.get("/api/languages").await.json().expect("languages");
+    let mbs: Vec<u64> = langs["languages"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|l| l["limits"]["memory_mb"].as_u64())
+        .collect();
+    let largest = mbs.iter().copied().max().unwrap_or(0);
+    let budget = (largest + 2 * mbs.iter().sum::<u64>()) * MIB;
     assert_eq!(
         metric(&s, "crucible_docker_memory_budget_bytes").await,
-        (5 * 256 * MIB) as f64
+        budget as f64
     );
 }
 
