@@ -936,9 +936,18 @@ fn spawn_helper(exe: &Path) -> std::io::Result<Spawned> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    // SAFETY: only async-signal-safe calls (fcntl, dup2) between fork and exec.
+    let parent = std::process::id() as i32;
+    // SAFETY: only async-signal-safe calls (prctl, getppid, fcntl, dup2) between fork and
+    // exec.
     unsafe {
         cmd.pre_exec(move || {
+            // Die with the appliance already between fork and exec: until exec closes
+            // them, this child shares the appliance's descriptors (the store's lock
+            // among them), and must not keep them past a kill -9 of the appliance.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
             // Move both ends above 10 first so the dup2s below cannot clobber each other.
             let a = libc::fcntl(spec_fd, libc::F_DUPFD, 10);
             let b = libc::fcntl(result_fd, libc::F_DUPFD, 10);

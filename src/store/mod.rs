@@ -352,7 +352,18 @@ impl Store {
         std::fs::create_dir_all(&opts.path).map_err(|e| {
             StoreError::Storage(format!("cannot create {}: {e}", opts.path.display()))
         })?;
-        let Handles { db, tree } = open_db(&opts.path, opts.cache_bytes).map_err(|e| {
+        // Right after a crash the lock may still be held for a moment by a child of the
+        // dead process that had not yet exec'd (it shares the descriptors until then): wait
+        // a little before calling the store busy.
+        let mut opened = open_db(&opts.path, opts.cache_bytes);
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while matches!(&opened, Err(e) if e.to_string().contains("could not acquire lock"))
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(50));
+            opened = open_db(&opts.path, opts.cache_bytes);
+        }
+        let Handles { db, tree } = opened.map_err(|e| {
             if e.to_string().contains("could not acquire lock") {
                 StoreError::Storage(format!(
                     "{} is in use by another crucible process (its lock is held); \
