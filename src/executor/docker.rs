@@ -1350,6 +1350,7 @@ impl Executor for DockerExecutor {
                     None => "cgroup1",
                 },
                 limits_reason,
+                work_dir: None,
                 backend: "docker",
                 ok: st.reachable,
                 detail: if st.reachable {

@@ -152,6 +152,9 @@ pub struct ExecutorHealth {
     /// Why there is no cgroup, when `limits` is `rlimit`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limits_reason: Option<String>,
+    /// Where the sandbox makes each run's root (sandbox backend).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub work_dir: Option<String>,
 }
 
 /// Whether a language can run here, as the executor sees it.

@@ -155,13 +155,11 @@ async fn an_idempotency_key_reused_for_another_request_is_a_conflict() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_leave_no_directory_behind_however_they_end() {
     let s = Server::start("workers = 2").await;
-    let node = s.health().await["node"].as_str().expect("node").to_string();
-    // As root the sandbox works under the system temp dir; otherwise in the data dir.
-    let work = if unsafe { libc::geteuid() } == 0 {
-        std::env::temp_dir().join(format!("crucible-sandbox-{node}"))
-    } else {
-        s.data_dir().join("sandbox")
-    };
+    let work = std::path::PathBuf::from(
+        s.health().await["executor"]["work_dir"]
+            .as_str()
+            .expect("the sandbox's work_dir in /health"),
+    );
     let m = marker(40);
     let spin = program("sleeper(\"MARKER\")\nwhile True: pass\n", &[("MARKER", &m)]);
     // While a run is going, its directory exists (the positive control).
