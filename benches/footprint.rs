@@ -135,9 +135,12 @@ async fn hostile(out: &mut String) {
     }
     let _ = std::fs::remove_file(&file);
 
-    let s = Server::start("workers = 2
+    let s = Server::start(
+        "workers = 2
 [limits]
-memory_mb = 256").await;
+memory_mb = 256",
+    )
+    .await;
     let mode = s.health().await["executor"]["limits"].clone();
     let mut ids = Vec::new();
     for _ in 0..6 {

@@ -334,8 +334,8 @@ pub async fn backup(
     Ok(json_response(StatusCode::OK, &to_value(&info)))
 }
 
-pub fn pause_resume(state: &State, action: &str) -> Response<Body> {
-    let paused = state.service.set_paused(action == "pause");
+pub fn pause_resume(state: &State, pause: bool) -> Response<Body> {
+    let paused = state.service.set_paused(pause);
     json_response(StatusCode::OK, &json!({ "paused": paused }))
 }
 

@@ -8,6 +8,7 @@
 
 mod api;
 mod error;
+mod routes;
 mod sse;
 mod ui;
 
@@ -17,10 +18,11 @@ use crate::config::Config;
 use crate::ops::metrics::{Histogram, LabeledCounter};
 use crate::ops::report::Reporters;
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use routes::{Call, Resolved};
 use std::convert::Infallible;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -137,119 +139,18 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
 
 type Handled = (&'static str, Result<Response<Body>, ApiError>);
 
+/// Find the route and call it: 404 for an unknown path, 405 (with `Allow`) for a known
+/// path and another method, 401 without the token where one is needed.
 async fn route(state: &Arc<State>, req: Request<Incoming>) -> Handled {
-    let path = req.uri().path().to_string();
-    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let m = req.method().clone();
-    let get = m == Method::GET || m == Method::HEAD;
-    let post = m == Method::POST;
-    let authed = |route: &'static str| -> Option<Handled> {
-        if authorized(state, &req) {
-            None
-        } else {
-            Some((route, Err(ApiError::unauthorized())))
-        }
-    };
-    macro_rules! guarded {
-        ($route:expr, $ok:expr, $allow:expr, $body:expr) => {{
-            if !$ok {
-                return ($route, Err(ApiError::method_not_allowed($allow)));
+    match routes::router().resolve(req.method(), req.uri().path()) {
+        Resolved::NotFound => ("other", Err(ApiError::not_found("route"))),
+        Resolved::WrongMethod(allow, label) => (label, Err(ApiError::method_not_allowed(allow))),
+        Resolved::Route(r, param) => {
+            if r.auth && !authorized(state, &req) {
+                return (r.label, Err(ApiError::unauthorized()));
             }
-            if let Some(h) = authed($route) {
-                return h;
-            }
-            ($route, $body)
-        }};
-    }
-    match segs.as_slice() {
-        [""] if get => ("/", ui::asset("index.html", req.headers())),
-        ["ui", file] if get => ("/ui/{file}", ui::asset(file, req.headers())),
-        [""] | ["ui", _] => ("/", Err(ApiError::method_not_allowed("GET, HEAD"))),
-        ["health"] if get => ("/health", Ok(api::health(state).await)),
-        ["health"] => ("/health", Err(ApiError::method_not_allowed("GET, HEAD"))),
-        ["metrics"] => guarded!("/metrics", get, "GET, HEAD", Ok(api::metrics(state).await)),
-        ["api", "openapi.json"] if get => ("/api/openapi.json", Ok(api::openapi())),
-        ["api", "eval"] => guarded!("/api/eval", post, "POST", api::submit(state, req).await),
-        ["api", "eval-batch"] => {
-            guarded!(
-                "/api/eval-batch",
-                post,
-                "POST",
-                api::submit_batch(state, req).await
-            )
+            (r.label, (r.handler)(state, Call { req, param }).await)
         }
-        ["api", "eval-status", id] => {
-            let id = id.to_string();
-            guarded!(
-                "/api/eval-status/{id}",
-                get,
-                "GET, HEAD",
-                api::get_eval(state, &id).await
-            )
-        }
-        ["api", "eval", id] => {
-            let id = id.to_string();
-            guarded!(
-                "/api/eval/{id}",
-                get,
-                "GET, HEAD",
-                api::get_eval(state, &id).await
-            )
-        }
-        ["api", "eval", id, "cancel"] => {
-            let id = id.to_string();
-            guarded!(
-                "/api/eval/{id}/cancel",
-                post,
-                "POST",
-                api::cancel(state, &id).await
-            )
-        }
-        ["api", "evaluations"] => {
-            guarded!(
-                "/api/evaluations",
-                get,
-                "GET, HEAD",
-                api::list(state, req.uri().query()).await
-            )
-        }
-        ["api", "events"] => guarded!("/api/events", get, "GET, HEAD", sse::events(state, &req)),
-        ["api", "admin", "sinks"] => {
-            guarded!("/api/admin/sinks", get, "GET, HEAD", Ok(api::sinks(state)))
-        }
-        ["api", "admin", "sinks", name, "replay"] => {
-            let name = name.to_string();
-            guarded!(
-                "/api/admin/sinks/{name}/replay",
-                post,
-                "POST",
-                api::replay(state, &name, req).await
-            )
-        }
-        ["api", "admin", "dead-letters"] => guarded!(
-            "/api/admin/dead-letters",
-            get,
-            "GET, HEAD",
-            api::dead_letters(state, req.uri().query())
-        ),
-        ["api", "admin", "backup"] => {
-            guarded!(
-                "/api/admin/backup",
-                post,
-                "POST",
-                api::backup(state, req).await
-            )
-        }
-        ["api", "admin", "queue", action @ ("pause" | "resume")] => {
-            let action = action.to_string();
-            guarded!(
-                "/api/admin/queue",
-                post,
-                "POST",
-                Ok(api::pause_resume(state, &action))
-            )
-        }
-        _ => ("other", Err(ApiError::not_found("route"))),
     }
 }
 
