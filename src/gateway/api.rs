@@ -1,6 +1,6 @@
 //! JSON handlers of the API.
 
-use super::{bytes_response, json_response, ApiError, Body, State};
+use super::{bytes_response, json_response, query, ApiError, Body, State};
 use crate::error::Code;
 use crate::ops::metrics::{rss_bytes, Exposition};
 use crate::ops::report::Level;
@@ -10,7 +10,6 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -153,47 +152,18 @@ pub async fn cancel(state: &Arc<State>, id: &str) -> Result<Response<Body>, ApiE
     Ok(json_response(StatusCode::OK, &to_value(&rec)))
 }
 
-pub(super) fn query_map(q: Option<&str>) -> HashMap<String, String> {
-    let mut m = HashMap::new();
-    for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        m.insert(percent_decode(k), percent_decode(v));
-    }
-    m
-}
-
-/// Decode `%XX` escapes and `+` in a query component.
-pub fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok();
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// `GET /api/evaluations` parameters.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    status: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
 }
 
 pub async fn list(state: &State, query: Option<&str>) -> Result<Response<Body>, ApiError> {
-    let q = query_map(query);
-    let lq = ListQuery::parse(
-        q.get("status").map(|s| s.as_str()),
-        q.get("limit").map(|s| s.as_str()),
-        q.get("cursor").map(|s| s.as_str()),
-    )?;
+    let q: ListParams = query::parse(query)?;
+    let lq = ListQuery::parse(q.status.as_deref(), q.limit.as_deref(), q.cursor.as_deref())?;
     let page = state.service.list(&lq).await?;
     Ok(json_response(StatusCode::OK, &to_value(&page)))
 }
@@ -291,9 +261,17 @@ pub async fn replay(
     ))
 }
 
+/// `GET /api/admin/dead-letters` parameters.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeadLetterParams {
+    sink: Option<String>,
+    limit: Option<String>,
+}
+
 pub fn dead_letters(state: &State, query: Option<&str>) -> Result<Response<Body>, ApiError> {
-    let q = query_map(query);
-    let limit = match q.get("limit") {
+    let q: DeadLetterParams = query::parse(query)?;
+    let limit = match q.limit {
         None => 100,
         Some(l) => match l.parse::<usize>() {
             Ok(n) if (1..=1000).contains(&n) => n,
@@ -305,7 +283,7 @@ pub fn dead_letters(state: &State, query: Option<&str>) -> Result<Response<Body>
             }
         },
     };
-    let sink = q.get("sink").map(|s| s.as_str()).filter(|s| !s.is_empty());
+    let sink = q.sink.as_deref().filter(|s| !s.is_empty());
     let items = state.service.dead_letters(sink, limit)?;
     Ok(json_response(
         StatusCode::OK,
@@ -337,17 +315,4 @@ pub async fn backup(
 pub fn pause_resume(state: &State, pause: bool) -> Response<Body> {
     let paused = state.service.set_paused(pause);
     json_response(StatusCode::OK, &json!({ "paused": paused }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::percent_decode;
-
-    #[test]
-    fn decodes_query_components() {
-        assert_eq!(percent_decode("a%20b+c"), "a b c");
-        assert_eq!(percent_decode("100%"), "100%");
-        assert_eq!(percent_decode("%zz"), "%zz");
-        assert_eq!(percent_decode("%41"), "A");
-    }
 }

@@ -8,6 +8,7 @@
 
 mod api;
 mod error;
+mod query;
 mod routes;
 mod sse;
 mod ui;
@@ -22,7 +23,7 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use routes::{Call, Resolved};
+use routes::{Call, QueryRule, Resolved};
 use std::convert::Infallible;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -148,6 +149,11 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> Handled {
         Resolved::Route(r, param) => {
             if r.auth && !authorized(state, &req) {
                 return (r.label, Err(ApiError::unauthorized()));
+            }
+            if r.query == QueryRule::None {
+                if let Err(e) = query::parse::<query::NoParams>(req.uri().query()) {
+                    return (r.label, Err(e));
+                }
             }
             (r.label, (r.handler)(state, Call { req, param }).await)
         }

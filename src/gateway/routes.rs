@@ -31,7 +31,20 @@ pub struct Route {
     pub label: &'static str,
     /// Needs `Authorization: Bearer <token>` when a token is configured.
     pub auth: bool,
+    /// How its query string is read.
+    pub query: QueryRule,
     pub handler: Handler,
+}
+
+/// How a route reads its query string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueryRule {
+    /// It takes none: any parameter is a 422 naming it (checked before the handler).
+    None,
+    /// The handler parses its own typed parameters (unknown ones are a 422 there).
+    Typed,
+    /// Ignored (static UI assets, where browsers and caches add their own).
+    Ignored,
 }
 
 const GET: Method = Method::GET;
@@ -45,18 +58,21 @@ pub fn table() -> Vec<Route> {
             path,
             label: path,
             auth,
+            query: QueryRule::None,
             handler,
         }
     }
     vec![
         Route {
             label: "/",
+            query: QueryRule::Ignored,
             ..r(GET, "/", false, |_, c| {
                 Box::pin(async move { ui::asset("index.html", c.req.headers()) })
             })
         },
         Route {
             label: "/",
+            query: QueryRule::Ignored,
             ..r(GET, "/ui/{file}", false, |_, c| {
                 Box::pin(async move { ui::asset(&c.param, c.req.headers()) })
             })
@@ -85,21 +101,30 @@ pub fn table() -> Vec<Route> {
         r(POST, "/api/eval/{id}/cancel", true, |s, c| {
             Box::pin(async move { api::cancel(s, &c.param).await })
         }),
-        r(GET, "/api/evaluations", true, |s, c| {
-            Box::pin(async move { api::list(s, c.req.uri().query()).await })
-        }),
-        r(GET, "/api/events", true, |s, c| {
-            Box::pin(async move { sse::events(s, &c.req) })
-        }),
+        Route {
+            query: QueryRule::Typed,
+            ..r(GET, "/api/evaluations", true, |s, c| {
+                Box::pin(async move { api::list(s, c.req.uri().query()).await })
+            })
+        },
+        Route {
+            query: QueryRule::Typed,
+            ..r(GET, "/api/events", true, |s, c| {
+                Box::pin(async move { sse::events(s, &c.req) })
+            })
+        },
         r(GET, "/api/admin/sinks", true, |s, _| {
             Box::pin(async move { Ok(api::sinks(s)) })
         }),
         r(POST, "/api/admin/sinks/{name}/replay", true, |s, c| {
             Box::pin(async move { api::replay(s, &c.param, c.req).await })
         }),
-        r(GET, "/api/admin/dead-letters", true, |s, c| {
-            Box::pin(async move { api::dead_letters(s, c.req.uri().query()) })
-        }),
+        Route {
+            query: QueryRule::Typed,
+            ..r(GET, "/api/admin/dead-letters", true, |s, c| {
+                Box::pin(async move { api::dead_letters(s, c.req.uri().query()) })
+            })
+        },
         r(POST, "/api/admin/backup", true, |s, c| {
             Box::pin(api::backup(s, c.req))
         }),

@@ -16,15 +16,23 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+/// `GET /api/events` parameters.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsParams {
+    eval_id: Option<String>,
+    last_event_id: Option<String>,
+}
+
 pub fn events(state: &Arc<State>, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let q = super::api::query_map(req.uri().query());
-    let filter = q.get("eval_id").cloned().filter(|s| !s.is_empty());
+    let q: EventsParams = super::query::parse(req.uri().query())?;
+    let filter = q.eval_id.filter(|s| !s.is_empty());
     let from_header = req
         .headers()
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .map(|s| s.trim().to_string());
-    let from = from_header.or_else(|| q.get("last_event_id").cloned());
+    let from = from_header.or(q.last_event_id);
     let mut cursor = match from.as_deref() {
         None | Some("") => state.service.head(),
         Some(s) => s.parse::<u64>().map_err(|_| {

@@ -342,6 +342,45 @@ async fn bad_query_parameters_and_last_event_id() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_or_repeated_query_parameters_are_named() {
+    let s = Server::start("").await;
+    let c = &s.client;
+    let head = head_seq(&s).await;
+    // Every route: a parameter it does not declare is refused, never ignored (a misspelt
+    // `ofset` would otherwise silently repeat page 1).
+    let gets = [
+        "/api/evaluations?ofset=20",
+        "/api/evaluations?limit=5&Limit=5",
+        "/api/events?evalid=x",
+        "/api/admin/dead-letters?snk=redis",
+        "/api/admin/sinks?verbose=1",
+        "/health?full=1",
+        "/metrics?name=x",
+        "/api/openapi.json?format=yaml",
+    ];
+    for path in gets {
+        let field = path
+            .rsplit_once('&')
+            .map(|(_, p)| p)
+            .or_else(|| path.split_once('?').map(|(_, q)| q))
+            .and_then(|p| p.split_once('='))
+            .map(|(k, _)| k)
+            .unwrap_or("");
+        expect_get(c, path, (422, INVALID, Some(field))).await;
+    }
+    expect_get(c, &format!("/api/eval/{ID}?x=1"), (422, INVALID, Some("x"))).await;
+    let twice = (422, INVALID, Some("limit"));
+    expect_get(c, "/api/evaluations?limit=5&limit=6", twice).await;
+    let valid = json!({ "code": OK });
+    let want = (422, INVALID, Some("priority"));
+    expect_post(c, "/api/eval?priority=1", &valid, &[], want).await;
+    // Static UI assets ignore query strings (browsers and caches add their own).
+    let r = c.get("/ui/app.js?v=3").await.expect("asset");
+    assert_eq!(r.status, 200);
+    assert_unchanged(&s, head).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_or_wrong_token_is_unauthorized() {
     let s = Server::start_with("", &[("CRUCIBLE_API_TOKEN", "s3cret")]).await;
     let head = head_seq(&s).await;
