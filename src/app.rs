@@ -134,6 +134,7 @@ pub async fn run(
         body_budget: Arc::new(tokio::sync::Semaphore::new(
             (cfg.http.max_inflight_body_mb as usize).saturating_mul(1024),
         )),
+        openapi: Default::default(),
     });
     crate::ops::systemd::notify(&format!("READY=1\nSTATUS=serving on {addr}"));
     if let Some(every) = crate::ops::systemd::watchdog_interval() {

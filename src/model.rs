@@ -4,11 +4,12 @@
 
 use crate::error::{ApiError, Code};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{json, Value};
+use utoipa::ToSchema;
 
 /// Lifecycle of an evaluation: `queued -> running -> completed | failed | cancelled`.
 /// Terminal states never change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Queued,
@@ -62,7 +63,7 @@ impl Status {
 }
 
 /// Event types; the wire name is also the Redis channel (seed names).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 pub enum EventType {
     #[serde(rename = "evaluation:queued")]
     Queued,
@@ -118,7 +119,7 @@ impl EventType {
 }
 
 /// Why a `failed` evaluation failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FailureReason {
     /// The program ran and exited with a non-zero code (or was killed by a signal).
@@ -146,20 +147,31 @@ impl FailureReason {
     }
 }
 
+// The OpenAPI document is generated from this type: a new field needs only its doc line.
 /// The evaluation record, as returned by the API and carried in every event's `data`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Every field is always present (`null` when empty).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Evaluation {
+    /// Its id (a UUIDv7: ids sort by creation time).
     pub eval_id: String,
     pub status: Status,
     pub language: String,
+    /// The source code, as submitted.
     pub code: String,
     /// Standard input given to the program, if any.
     pub stdin: Option<String>,
     /// Wall-clock timeout in seconds.
     pub timeout: f64,
+    /// When it was accepted (RFC 3339, UTC).
+    #[schema(format = DateTime)]
     pub created_at: String,
+    /// When it started running.
+    #[schema(format = DateTime)]
     pub started_at: Option<String>,
+    /// When it reached its terminal status.
+    #[schema(format = DateTime)]
     pub completed_at: Option<String>,
+    /// Wall-clock run time in milliseconds.
     pub runtime_ms: Option<u64>,
     /// CPU time (user + system) of the run's whole process tree, in milliseconds.
     #[serde(default)]
@@ -167,17 +179,22 @@ pub struct Evaluation {
     /// Peak memory of the run's whole process tree, in KiB.
     #[serde(default)]
     pub memory_peak_kb: Option<u64>,
+    /// The program's exit code (`null` until it ran, or when it was killed by a signal).
     pub exit_code: Option<i32>,
     /// `true` only for `completed`; `false` for the other terminal states; `null` before.
     pub success: Option<bool>,
     /// Captured stdout (capped; see `output_truncated`).
     pub output: String,
+    /// Captured stderr (capped; see `output_truncated`).
     pub stderr: String,
     /// Why it failed, in words.
     pub error: Option<String>,
     /// stdout or stderr was longer than the cap and was cut.
     pub output_truncated: bool,
+    /// Why it failed (`null` unless `failed`).
     pub failure_reason: Option<FailureReason>,
+    /// The submission's `metadata`, as given.
+    #[schema(value_type = Option<Object>)]
     pub metadata: Option<Value>,
     /// The limits the run gets (the request's, within the server's maximum for the
     /// language). `null` only on records written before limits were recorded.
@@ -340,7 +357,7 @@ impl Evaluation {
 
 /// The limits one evaluation runs under. A request may lower each of them, never raise
 /// it above the server's maximum for its language.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct RunLimits {
     /// Memory (and memory + swap) of the whole process tree, in MiB.
     pub memory_mb: u64,
@@ -374,6 +391,119 @@ impl RunLimits {
             "cpu_ms" => 10,
             "max_output_bytes" => 64,
             _ => 1,
+        }
+    }
+}
+
+// The OpenAPI document describes this type (its `///` lines are the document's text);
+// `validate_submission` checks it field by field (a 422 names the field), and
+// `document_submission` writes the bounds that depend on the configuration into the
+// document from the same `SubmitRules`. A new request field is a field here with its doc
+// line, plus its check in `validate_submission`.
+/// A submission: the body of `POST /api/eval`, each item of `POST /api/eval-batch`, the
+/// payload of the Redis `submit_evaluation` request. Other fields are ignored.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SubmitRequest {
+    /// Source code: at least one character that is not whitespace, no NUL character, at
+    /// most `limits.max_code_bytes` bytes (UTF-8).
+    pub code: String,
+    /// One of the languages this server runs (`GET /health`, `executor.languages`);
+    /// absent or `null`: `python`.
+    pub language: Option<String>,
+    /// Wall-clock timeout in seconds, above 0 and at most `limits.max_timeout_secs`;
+    /// absent or `null`: `limits.default_timeout_secs`.
+    pub timeout: Option<f64>,
+    /// Standard input of the program, at most `limits.max_stdin_bytes` bytes.
+    pub stdin: Option<String>,
+    /// Any JSON object (at most `limits.max_metadata_bytes` bytes serialized), stored and
+    /// returned as given.
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Value>,
+    /// Lower limits for this run; absent or `null`: the server's maximum for the language.
+    pub limits: Option<LimitsRequest>,
+}
+
+/// The `limits` of a submission: each optional, a whole number from its minimum up to
+/// the server's maximum for the language (above it: 422 `limit_too_high`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsRequest {
+    /// Memory (and memory + swap) of the whole process tree, in MiB.
+    pub memory_mb: Option<u64>,
+    /// CPU time (user + system) of the whole process tree, in milliseconds.
+    pub cpu_ms: Option<u64>,
+    /// Processes and threads of the whole tree at once.
+    pub max_processes: Option<u64>,
+    /// Bytes of stdout and of stderr kept.
+    pub max_output_bytes: Option<u64>,
+}
+
+/// The characters `code` may not consist of only: Rust's `char::is_whitespace` (the
+/// Unicode White_Space property), as ranges, so that the document can spell them out:
+/// `\s` means different sets in different regex dialects (Python's `re` adds U+001C to
+/// U+001F, ECMA-262 adds U+FEFF).
+const WHITESPACE: [(u32, u32); 10] = [
+    (0x09, 0x0d),
+    (0x20, 0x20),
+    (0x85, 0x85),
+    (0xa0, 0xa0),
+    (0x1680, 0x1680),
+    (0x2000, 0x200a),
+    (0x2028, 0x2029),
+    (0x202f, 0x202f),
+    (0x205f, 0x205f),
+    (0x3000, 0x3000),
+];
+
+/// The pattern of `code`: no NUL, and at least one character that is not whitespace.
+pub fn code_pattern() -> String {
+    let mut class = String::from("\\u0000");
+    for (lo, hi) in WHITESPACE {
+        class.push_str(&format!("\\u{lo:04x}"));
+        if hi != lo {
+            class.push_str(&format!("-\\u{hi:04x}"));
+        }
+    }
+    format!("^[^\\u0000]*[^{class}][^\\u0000]*$")
+}
+
+/// Write the bounds [`validate_submission`] enforces with `rules` into the document's
+/// `SubmitRequest` and `LimitsRequest` schemas (`schemas` is `components.schemas`):
+/// lengths, the timeout range, the languages that can run now (`available`), the limits'
+/// minimums and maximums.
+pub fn document_submission(schemas: &mut Value, rules: &SubmitRules<'_>, available: &[String]) {
+    let req = &mut schemas["SubmitRequest"]["properties"];
+    req["code"]["minLength"] = json!(1);
+    req["code"]["maxLength"] = json!(rules.max_code_bytes);
+    req["code"]["pattern"] = json!(code_pattern());
+    req["stdin"]["maxLength"] = json!(rules.max_stdin_bytes);
+    let mut langs: Vec<Value> = available.iter().map(|l| json!(l)).collect();
+    langs.push(Value::Null);
+    req["language"]["enum"] = Value::Array(langs);
+    req["timeout"]["exclusiveMinimum"] = json!(0);
+    req["timeout"]["maximum"] = json!(rules.max_timeout);
+    // The most any available language allows; a language with a lower maximum answers
+    // 422 limit_too_high above its own (its maximum is in GET /health).
+    let mut max: Option<RunLimits> = None;
+    for l in available {
+        let m = (rules.max_limits)(l);
+        max = Some(match max {
+            None => m,
+            Some(a) => RunLimits {
+                memory_mb: a.memory_mb.max(m.memory_mb),
+                cpu_ms: a.cpu_ms.max(m.cpu_ms),
+                max_processes: a.max_processes.max(m.max_processes),
+                max_output_bytes: a.max_output_bytes.max(m.max_output_bytes),
+            },
+        });
+    }
+    let limits = &mut schemas["LimitsRequest"]["properties"];
+    for name in RunLimits::NAMES {
+        limits[name]["minimum"] = json!(RunLimits::minimum(name));
+        if let Some(mut m) = max {
+            if let Some(v) = m.get_mut(name) {
+                limits[name]["maximum"] = json!(*v);
+            }
         }
     }
 }
@@ -562,7 +692,18 @@ pub fn validate_submission(
     })
 }
 
-/// `limits`: each key optional, a whole number from its minimum up to `max`'s value.
+/// A JSON number that is a whole number from 0 to `u64::MAX`: `64` or `64.0` (JSON
+/// Schema's `integer` counts both), not `64.5` or `-1`.
+pub fn whole_number(v: &Value) -> Option<u64> {
+    v.as_u64().or_else(|| {
+        v.as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 18_446_744_073_709_551_616.0)
+            .map(|f| f as u64)
+    })
+}
+
+/// `limits`: each key optional (`null` counts as absent), a whole number from its minimum
+/// up to `max`'s value.
 fn validate_limits(v: Option<&Value>, max: RunLimits) -> Result<RunLimits, FieldError> {
     let obj = match v {
         None | Some(Value::Null) => return Ok(max),
@@ -582,8 +723,11 @@ fn validate_limits(v: Option<&Value>, max: RunLimits) -> Result<RunLimits, Field
                 ),
             ));
         };
+        if value.is_null() {
+            continue;
+        }
         let min = RunLimits::minimum(key);
-        let n = match value.as_u64() {
+        let n = match whole_number(value) {
             Some(n) if n >= min => n,
             _ => {
                 return Err(FieldError::new(
@@ -658,7 +802,7 @@ mod tests {
         let n = validate_submission(&json!({"code": "a"}), &rules()).expect("valid");
         assert_eq!(n.limits, max_limits("python"));
         let n = validate_submission(
-            &json!({"code": "a", "limits": {"memory_mb": 64, "cpu_ms": 500}}),
+            &json!({"code": "a", "limits": {"memory_mb": 64, "cpu_ms": 500.0, "max_processes": null}}),
             &rules(),
         )
         .expect("lowered");
@@ -746,6 +890,21 @@ mod tests {
             let e = validate_submission(&body, &rules()).expect_err(&body.to_string());
             assert_eq!(e.field, field, "{body}");
         }
+    }
+
+    #[test]
+    fn the_documented_whitespace_is_rusts() {
+        for c in (0..=0x10ffff).filter_map(char::from_u32) {
+            let listed = WHITESPACE
+                .iter()
+                .any(|&(lo, hi)| (lo..=hi).contains(&(c as u32)));
+            assert_eq!(listed, c.is_whitespace(), "U+{:04X}", c as u32);
+        }
+        let p = code_pattern();
+        assert!(
+            p.starts_with("^[^\\u0000]*[^\\u0000\\u0009-\\u000d\\u0020"),
+            "{p}"
+        );
     }
 
     #[test]

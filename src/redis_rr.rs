@@ -136,7 +136,9 @@ fn field_err(field: &str, message: &str) -> ApiError {
 /// A payload value as text for [`ListQuery::parse`] (numbers are accepted too).
 fn text(v: Option<&Value>) -> Option<String> {
     match v {
+        // An empty string counts as absent here (over HTTP an empty parameter is an error).
         None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.is_empty() => None,
         Some(Value::String(s)) => Some(s.clone()),
         Some(other) => Some(other.to_string()),
     }

@@ -9,7 +9,8 @@ use crate::error::{ApiError, Code};
 use crate::events::Event;
 use crate::executor::Executor;
 use crate::model::{
-    validate_submission, Evaluation, FieldError, NewEvaluation, Status, SubmitRules,
+    document_submission, validate_submission, Evaluation, FieldError, LanguageState, NewEvaluation,
+    Status, SubmitRules,
 };
 use crate::outbox::{Outbox, ReplayError, SinkReport};
 use crate::queue::Queue;
@@ -20,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use utoipa::ToSchema;
 
 /// Most evaluations in one batch.
 pub const MAX_BATCH: usize = 100;
@@ -43,11 +45,47 @@ pub struct Service {
 }
 
 /// A page of evaluations, newest first.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Page {
+    /// Newest first.
     pub evaluations: Vec<Evaluation>,
     /// Pass as `cursor` to get the next page; `null` on the last one.
     pub next_cursor: Option<String>,
+}
+
+/// The answer to a submission.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Accepted {
+    /// The evaluation's id (the first submission's, for a repeated `Idempotency-Key`).
+    pub eval_id: String,
+    /// `queued`; for a repeated `Idempotency-Key`, the evaluation's status now.
+    pub status: Status,
+}
+
+impl From<Submitted> for Accepted {
+    fn from(s: Submitted) -> Accepted {
+        Accepted {
+            eval_id: s.eval_id,
+            status: s.status,
+        }
+    }
+}
+
+/// The answer to a batch: one entry per submission, in the order given.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct BatchAccepted {
+    pub evaluations: Vec<Accepted>,
+}
+
+/// The form of an eval_id (a lowercase hyphenated UUID), which is also the form of a
+/// listing cursor.
+pub fn is_eval_id(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_digit() || (b'a'..=b'f').contains(c),
+        })
 }
 
 /// What to list.
@@ -61,14 +99,14 @@ pub struct ListQuery {
 
 impl ListQuery {
     /// Parse the textual form (HTTP query parameters; Redis payload fields as text).
-    /// Empty strings count as absent.
+    /// A value that is given must be valid: an empty one is an error too.
     pub fn parse(
         status: Option<&str>,
         limit: Option<&str>,
         cursor: Option<&str>,
     ) -> Result<ListQuery, ApiError> {
         let status = match status {
-            None | Some("") => None,
+            None => None,
             Some(s) => Some(Status::parse(s).ok_or_else(|| {
                 ApiError::invalid_field(
                     "status",
@@ -89,12 +127,9 @@ impl ListQuery {
             },
         };
         let after = match cursor {
-            None | Some("") => None,
+            None => None,
             Some(c) => {
-                let ok = c.len() <= 64
-                    && c.bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-                if !ok {
+                if !is_eval_id(c) {
                     return Err(ApiError::invalid_field(
                         "cursor",
                         "`cursor` must be a value returned as `next_cursor`",
@@ -124,8 +159,8 @@ pub fn check_idempotency_key(key: &str, field: &str) -> Result<String, ApiError>
 }
 
 impl Service {
-    /// Validate one submission object.
-    pub fn validate(&self, v: &Value) -> Result<NewEvaluation, FieldError> {
+    /// The rules a submission is validated (and documented) with.
+    fn with_rules<R>(&self, f: impl FnOnce(&SubmitRules<'_>) -> R) -> R {
         let ex = self.executor.clone();
         let langs = move |name: &str| ex.language_state(name);
         let l = &self.cfg.limits;
@@ -138,7 +173,28 @@ impl Service {
             max_timeout: l.max_timeout_secs,
             max_limits: &|lang: &str| self.cfg.max_limits(lang),
         };
-        validate_submission(v, &rules)
+        f(&rules)
+    }
+
+    /// Validate one submission object.
+    pub fn validate(&self, v: &Value) -> Result<NewEvaluation, FieldError> {
+        self.with_rules(|rules| validate_submission(v, rules))
+    }
+
+    /// The configured languages this host can run now.
+    pub fn available_languages(&self) -> Vec<String> {
+        self.cfg
+            .languages
+            .keys()
+            .filter(|l| self.executor.language_state(l) == LanguageState::Available)
+            .cloned()
+            .collect()
+    }
+
+    /// Write this server's submission bounds into the OpenAPI `components.schemas`.
+    pub fn document_submission(&self, schemas: &mut Value) {
+        let available = self.available_languages();
+        self.with_rules(|rules| document_submission(schemas, rules, &available));
     }
 
     fn check_accepting(&self) -> Result<(), ApiError> {
@@ -149,7 +205,7 @@ impl Service {
     }
 
     /// Durably accept one evaluation (returns after the flush).
-    pub async fn submit(&self, v: &Value, idem_key: Option<String>) -> Result<Submitted, ApiError> {
+    pub async fn submit(&self, v: &Value, idem_key: Option<String>) -> Result<Accepted, ApiError> {
         let new = self.validate(v)?;
         self.check_accepting()?;
         let mut res = self
@@ -170,11 +226,11 @@ impl Service {
                 "evaluation accepted"
             );
         }
-        Ok(s)
+        Ok(s.into())
     }
 
     /// Durably accept up to [`MAX_BATCH`] evaluations, all or nothing.
-    pub async fn submit_batch(&self, v: &Value) -> Result<Vec<Submitted>, ApiError> {
+    pub async fn submit_batch(&self, v: &Value) -> Result<BatchAccepted, ApiError> {
         let list = match v.get("evaluations") {
             Some(Value::Array(a)) => a,
             Some(_) => {
@@ -220,7 +276,9 @@ impl Service {
             .submit(news, None, self.cfg.max_queued as u64)
             .await?;
         self.accepted.fetch_add(n, Ordering::Relaxed);
-        Ok(res)
+        Ok(BatchAccepted {
+            evaluations: res.into_iter().map(Accepted::from).collect(),
+        })
     }
 
     /// One evaluation.
@@ -238,10 +296,10 @@ impl Service {
             .list(q.status, q.limit, q.after.as_deref())
             .await
             .map_err(|e| match e {
-                crate::store::StoreError::NotFound => ApiError::invalid_field(
-                    "cursor",
-                    "`cursor` must be a value returned as `next_cursor`",
-                ),
+                crate::store::StoreError::NotFound => {
+                    ApiError::new(Code::NotFound, "no evaluation has the id given as `cursor`")
+                        .with_field("cursor")
+                }
                 other => other.into(),
             })?;
         Ok(Page {
@@ -346,19 +404,25 @@ mod tests {
 
     #[test]
     fn list_query_parsing() {
-        let q = ListQuery::parse(Some("failed"), Some("5"), Some("01a2-ab")).expect("valid");
+        let id = "0193a0b4-7d2e-7c4a-9f00-00000000abcd";
+        let q = ListQuery::parse(Some("failed"), Some("5"), Some(id)).expect("valid");
         assert_eq!(
             q,
             ListQuery {
                 status: Some(Status::Failed),
                 limit: 5,
-                after: Some("01a2-ab".into())
+                after: Some(id.into())
             }
         );
-        let d = ListQuery::parse(None, None, Some("")).expect("defaults");
+        let d = ListQuery::parse(None, None, None).expect("defaults");
         assert_eq!((d.status, d.limit, d.after), (None, DEFAULT_PAGE, None));
         for (s, l, c, field) in [
             (Some("done"), None, None, "status"),
+            (Some(""), None, None, "status"),
+            (None, Some(""), None, "limit"),
+            (None, None, Some(""), "cursor"),
+            (None, None, Some("01a2-ab"), "cursor"),
+            (None, None, Some(&id.to_uppercase()), "cursor"),
             (None, Some("0"), None, "limit"),
             (None, Some("101"), None, "limit"),
             (None, Some("x"), None, "limit"),

@@ -8,6 +8,7 @@
 
 mod api;
 mod error;
+mod openapi;
 mod query;
 mod routes;
 mod sse;
@@ -70,6 +71,8 @@ pub struct State {
     pub stats: HttpStats,
     /// Request-body memory budget, in KiB permits (`http.max_inflight_body_mb`).
     pub body_budget: Arc<Semaphore>,
+    /// The OpenAPI document, built on first request.
+    pub openapi: std::sync::OnceLock<serde_json::Value>,
 }
 
 /// Serve HTTP on `listener` until `shutdown` fires; then let in-flight requests finish
@@ -95,10 +98,11 @@ pub async fn serve(state: Arc<State>, listener: TcpListener, drain: Duration) {
             _ = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().ok();
         let st = state.clone();
         let svc = hyper::service::service_fn(move |req| {
             let st = st.clone();
-            async move { Ok::<_, Infallible>(handle(st, req).await) }
+            async move { Ok::<_, Infallible>(handle(st, req, local).await) }
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
@@ -119,9 +123,13 @@ pub async fn serve(state: Arc<State>, listener: TcpListener, drain: Duration) {
     }
 }
 
-async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+    local: Option<std::net::SocketAddr>,
+) -> Response<Body> {
     let t = Instant::now();
-    let (route, resp) = route(&state, req).await;
+    let (route, resp) = route(&state, req, local).await;
     let mut resp = match resp {
         Ok(r) => r,
         Err(e) => e.into_response(),
@@ -142,7 +150,11 @@ type Handled = (&'static str, Result<Response<Body>, ApiError>);
 
 /// Find the route and call it: 404 for an unknown path, 405 (with `Allow`) for a known
 /// path and another method, 401 without the token where one is needed.
-async fn route(state: &Arc<State>, req: Request<Incoming>) -> Handled {
+async fn route(
+    state: &Arc<State>,
+    req: Request<Incoming>,
+    local: Option<std::net::SocketAddr>,
+) -> Handled {
     match routes::router().resolve(req.method(), req.uri().path()) {
         Resolved::NotFound => ("other", Err(ApiError::not_found("route"))),
         Resolved::WrongMethod(allow, label) => (label, Err(ApiError::method_not_allowed(allow))),
@@ -155,7 +167,10 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> Handled {
                     return (r.label, Err(e));
                 }
             }
-            (r.label, (r.handler)(state, Call { req, param }).await)
+            (
+                r.label,
+                (r.handler)(state, Call { req, param, local }).await,
+            )
         }
     }
 }

@@ -15,6 +15,8 @@ use std::sync::{Arc, LazyLock};
 pub struct Call {
     pub req: Request<Incoming>,
     pub param: String,
+    /// The local address of the connection (the address that served the request).
+    pub local: Option<std::net::SocketAddr>,
 }
 
 /// A handler: the state and the call in, the answer (or an error answer) out.
@@ -83,8 +85,8 @@ pub fn table() -> Vec<Route> {
         r(GET, "/metrics", true, |s, _| {
             Box::pin(async move { Ok(api::metrics(s).await) })
         }),
-        r(GET, "/api/openapi.json", false, |_, _| {
-            Box::pin(async move { Ok(api::openapi()) })
+        r(GET, "/api/openapi.json", false, |s, c| {
+            Box::pin(async move { Ok(api::openapi(s, &c.req, c.local)) })
         }),
         r(POST, "/api/eval", true, |s, c| {
             Box::pin(api::submit(s, c.req))
@@ -93,7 +95,7 @@ pub fn table() -> Vec<Route> {
             Box::pin(api::submit_batch(s, c.req))
         }),
         r(GET, "/api/eval-status/{id}", true, |s, c| {
-            Box::pin(async move { api::get_eval(s, &c.param).await })
+            Box::pin(async move { api::get_eval_status(s, &c.param).await })
         }),
         r(GET, "/api/eval/{id}", true, |s, c| {
             Box::pin(async move { api::get_eval(s, &c.param).await })
@@ -131,13 +133,13 @@ pub fn table() -> Vec<Route> {
         Route {
             label: "/api/admin/queue",
             ..r(POST, "/api/admin/queue/pause", true, |s, _| {
-                Box::pin(async move { Ok(api::pause_resume(s, true)) })
+                Box::pin(async move { Ok(api::pause(s)) })
             })
         },
         Route {
             label: "/api/admin/queue",
             ..r(POST, "/api/admin/queue/resume", true, |s, _| {
-                Box::pin(async move { Ok(api::pause_resume(s, false)) })
+                Box::pin(async move { Ok(api::resume(s)) })
             })
         },
     ]

@@ -100,16 +100,22 @@ pub struct Submitted {
 }
 
 /// A poison event parked for a sink.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeadLetter {
+    /// The sink that refused it.
     pub sink: String,
     pub seq: u64,
     pub event_id: String,
     pub eval_id: String,
     #[serde(rename = "type")]
+    #[schema(value_type = crate::events::EventType)]
     pub kind: String,
+    /// Why the sink refused it.
     pub error: String,
+    /// Delivery attempts before it was parked.
     pub attempts: u32,
+    /// When it was parked (RFC 3339, UTC).
+    #[schema(format = DateTime)]
     pub dead_at: String,
     pub event: Event,
 }
@@ -204,12 +210,19 @@ pub(crate) enum Op {
 }
 
 /// What `backup` wrote.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct BackupInfo {
+    /// The directory written (usable as `--data-dir`).
+    #[schema(value_type = String)]
     pub path: PathBuf,
+    /// The log's head in the copy.
     pub head_seq: u64,
+    /// Bytes written.
     pub bytes: u64,
+    /// The node the copy belongs to.
     pub node: String,
+    /// When it was written (RFC 3339, UTC).
+    #[schema(format = DateTime)]
     pub created_at: String,
 }
 
