@@ -48,6 +48,7 @@ echo "== cargo clippy"
 cargo clippy --all-targets -- -D warnings
 echo "== cargo test"
 cargo test -- --test-threads="${TEST_THREADS:-2}"
+tests/schemathesis.sh
 echo "   UI screenshots of each step: target/test-artifacts/ui/"
 echo "== packaging (static musl binary, .deb, unit, install/upgrade/purge in a throwaway root)"
 tests/packaging.sh
