@@ -45,6 +45,11 @@ impl Status {
         }
     }
 
+    /// Its position in [`Status::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// One byte used in store index keys.
     pub fn code(self) -> u8 {
         match self {

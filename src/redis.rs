@@ -104,8 +104,14 @@ impl Report for Redis {
 
     fn health(&self) -> BoxFuture<'_, Health> {
         Box::pin(async move {
+            // Down: working partly (events wait in the outbox, requests go unanswered).
+            let level = if self.is_connected() {
+                Level::Ok
+            } else {
+                Level::Degraded
+            };
             Health::new(
-                Level::Ok,
+                level,
                 json!({
                     "connected": self.is_connected(),
                     "stream": self.cfg.stream,

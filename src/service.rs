@@ -32,6 +32,10 @@ pub const MAX_PAGE: usize = 100;
 /// Default page size of a listing.
 pub const DEFAULT_PAGE: usize = 20;
 
+/// Largest `offset` of a listing: each request steps over that many entries, so deeper
+/// pages are reached with `cursor`, which costs nothing.
+pub const MAX_OFFSET: usize = 1_000_000;
+
 /// The appliance's operations.
 pub struct Service {
     pub cfg: Arc<Config>,
@@ -44,13 +48,22 @@ pub struct Service {
     pub accepted: AtomicU64,
 }
 
-/// A page of evaluations, newest first.
+/// A page of evaluations, newest first. Page with `cursor` (pass `next_cursor` back) or
+/// with `offset` (pass `offset` + the number of evaluations in this page).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Page {
     /// Newest first.
     pub evaluations: Vec<Evaluation>,
     /// Pass as `cursor` to get the next page; `null` on the last one.
     pub next_cursor: Option<String>,
+    /// How many evaluations match the filter in all (every page together).
+    pub count: u64,
+    /// Whether a next page exists.
+    pub has_more: bool,
+    /// The page size asked for (a page of very large records may hold fewer).
+    pub limit: usize,
+    /// How many evaluations were skipped before this page (after `cursor`, if given).
+    pub offset: usize,
 }
 
 /// The answer to a submission.
@@ -60,21 +73,48 @@ pub struct Accepted {
     pub eval_id: String,
     /// `queued`; for a repeated `Idempotency-Key`, the evaluation's status now.
     pub status: Status,
+    /// What happened, in words.
+    pub message: String,
+    /// Its place in the queue when it was accepted (1: the next to start); `null` for a
+    /// repeated `Idempotency-Key`.
+    pub queue_position: Option<u64>,
 }
 
 impl From<Submitted> for Accepted {
     fn from(s: Submitted) -> Accepted {
+        let message = if s.existing {
+            "already submitted with this Idempotency-Key; this is that evaluation"
+        } else {
+            "evaluation queued for processing"
+        };
         Accepted {
             eval_id: s.eval_id,
             status: s.status,
+            message: message.to_string(),
+            queue_position: s.queue_position,
         }
     }
 }
 
-/// The answer to a batch: one entry per submission, in the order given.
+/// The answer to a batch: one entry per submission, in the order given. A batch is
+/// accepted whole or not at all, so `queued` = `total` and `failed` = 0 in an answer.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct BatchAccepted {
     pub evaluations: Vec<Accepted>,
+    /// Submissions in the batch.
+    pub total: usize,
+    /// Submissions accepted and queued.
+    pub queued: usize,
+    /// Submissions refused (always 0: a refused item refuses the batch, with a 422).
+    pub failed: usize,
+}
+
+/// A non-negative whole number written with digits only (no sign, no spaces).
+fn digits(s: &str) -> Option<usize> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
 }
 
 /// The form of an eval_id (a lowercase hyphenated UUID), which is also the form of a
@@ -95,6 +135,8 @@ pub struct ListQuery {
     pub limit: usize,
     /// The `next_cursor` of the previous page (an eval_id).
     pub after: Option<String>,
+    /// Entries to skip first (after `after`, if given).
+    pub offset: usize,
 }
 
 impl ListQuery {
@@ -104,6 +146,7 @@ impl ListQuery {
         status: Option<&str>,
         limit: Option<&str>,
         cursor: Option<&str>,
+        offset: Option<&str>,
     ) -> Result<ListQuery, ApiError> {
         let status = match status {
             None => None,
@@ -116,8 +159,8 @@ impl ListQuery {
         };
         let limit = match limit {
             None => DEFAULT_PAGE,
-            Some(s) => match s.parse::<usize>() {
-                Ok(n) if (1..=MAX_PAGE).contains(&n) => n,
+            Some(s) => match digits(s) {
+                Some(n) if (1..=MAX_PAGE).contains(&n) => n,
                 _ => {
                     return Err(ApiError::invalid_field(
                         "limit",
@@ -138,10 +181,25 @@ impl ListQuery {
                 Some(c.to_string())
             }
         };
+        let offset = match offset {
+            None => 0,
+            Some(s) => match digits(s) {
+                Some(n) if n <= MAX_OFFSET => n,
+                _ => {
+                    return Err(ApiError::invalid_field(
+                        "offset",
+                        format!(
+                            "`offset` must be an integer from 0 to {MAX_OFFSET} (page further with `cursor`)"
+                        ),
+                    ))
+                }
+            },
+        };
         Ok(ListQuery {
             status,
             limit,
             after,
+            offset,
         })
     }
 }
@@ -276,8 +334,12 @@ impl Service {
             .submit(news, None, self.cfg.max_queued as u64)
             .await?;
         self.accepted.fetch_add(n, Ordering::Relaxed);
+        let evaluations: Vec<Accepted> = res.into_iter().map(Accepted::from).collect();
         Ok(BatchAccepted {
-            evaluations: res.into_iter().map(Accepted::from).collect(),
+            total: evaluations.len(),
+            queued: evaluations.len(),
+            failed: 0,
+            evaluations,
         })
     }
 
@@ -293,7 +355,7 @@ impl Service {
     pub async fn list(&self, q: &ListQuery) -> Result<Page, ApiError> {
         let (evaluations, next_cursor) = self
             .store
-            .list(q.status, q.limit, q.after.as_deref())
+            .list(q.status, q.limit, q.after.as_deref(), q.offset)
             .await
             .map_err(|e| match e {
                 crate::store::StoreError::NotFound => {
@@ -303,6 +365,10 @@ impl Service {
                 other => other.into(),
             })?;
         Ok(Page {
+            has_more: next_cursor.is_some(),
+            count: self.store.count(q.status),
+            limit: q.limit,
+            offset: q.offset,
             evaluations,
             next_cursor,
         })
@@ -405,31 +471,38 @@ mod tests {
     #[test]
     fn list_query_parsing() {
         let id = "0193a0b4-7d2e-7c4a-9f00-00000000abcd";
-        let q = ListQuery::parse(Some("failed"), Some("5"), Some(id)).expect("valid");
+        let q = ListQuery::parse(Some("failed"), Some("5"), Some(id), None).expect("valid");
         assert_eq!(
             q,
             ListQuery {
                 status: Some(Status::Failed),
                 limit: 5,
-                after: Some(id.into())
+                after: Some(id.into()),
+                offset: 0,
             }
         );
-        let d = ListQuery::parse(None, None, None).expect("defaults");
+        let d = ListQuery::parse(None, None, None, None).expect("defaults");
         assert_eq!((d.status, d.limit, d.after), (None, DEFAULT_PAGE, None));
-        for (s, l, c, field) in [
-            (Some("done"), None, None, "status"),
-            (Some(""), None, None, "status"),
-            (None, Some(""), None, "limit"),
-            (None, None, Some(""), "cursor"),
-            (None, None, Some("01a2-ab"), "cursor"),
-            (None, None, Some(&id.to_uppercase()), "cursor"),
-            (None, Some("0"), None, "limit"),
-            (None, Some("101"), None, "limit"),
-            (None, Some("x"), None, "limit"),
-            (None, None, Some("a b"), "cursor"),
-            (None, None, Some(&"x".repeat(65)), "cursor"),
+        let o = ListQuery::parse(None, Some("10"), None, Some("30")).expect("offset");
+        assert_eq!((o.limit, o.offset), (10, 30));
+        for (s, l, c, o, field) in [
+            (Some("done"), None, None, None, "status"),
+            (Some(""), None, None, None, "status"),
+            (None, Some(""), None, None, "limit"),
+            (None, Some("+5"), None, None, "limit"),
+            (None, None, Some(""), None, "cursor"),
+            (None, None, Some("01a2-ab"), None, "cursor"),
+            (None, None, Some(&id.to_uppercase()), None, "cursor"),
+            (None, Some("0"), None, None, "limit"),
+            (None, Some("101"), None, None, "limit"),
+            (None, Some("x"), None, None, "limit"),
+            (None, None, Some("a b"), None, "cursor"),
+            (None, None, Some(&"x".repeat(65)), None, "cursor"),
+            (None, None, None, Some(""), "offset"),
+            (None, None, None, Some("-1"), "offset"),
+            (None, None, None, Some("1000001"), "offset"),
         ] {
-            let e = ListQuery::parse(s, l, c).expect_err(field);
+            let e = ListQuery::parse(s, l, c, o).expect_err(field);
             assert_eq!(e.field.as_deref(), Some(field));
         }
         assert!(check_idempotency_key("abc-1", "k").is_ok());

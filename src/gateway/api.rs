@@ -17,7 +17,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use utoipa::ToSchema;
@@ -214,6 +214,21 @@ pub async fn get_eval_status(state: &State, id: &str) -> Result<Response<Body>, 
     get_eval(state, id).await
 }
 
+/// Read an evaluation (the seed platform's later path)
+///
+/// The whole record, always with 200 (the seed answered 202 while it ran; `status` says
+/// that here).
+#[utoipa::path(get, path = "/api/eval/{id}/status", tag = "evaluations",
+    params(("id" = String, Path, description = "The `eval_id`")),
+    responses(
+        (status = 200, description = "The record", body = Evaluation),
+        (status = 404, response = E404),
+        (status = 500, response = E500),
+    ))]
+pub async fn get_eval_seed_status(state: &State, id: &str) -> Result<Response<Body>, ApiError> {
+    get_eval(state, id).await
+}
+
 fn to_value<T: serde::Serialize>(v: &T) -> Value {
     serde_json::to_value(v).unwrap_or(Value::Null)
 }
@@ -250,12 +265,17 @@ pub struct ListParams {
     /// The `next_cursor` of the previous page; an evaluation that does not exist is a 404.
     #[param(value_type = Option<String>, pattern = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")]
     cursor: Option<String>,
+    /// Skip this many first (after `cursor`, if given): the seed platform's paging, where
+    /// the next page starts at `offset` + the number of evaluations in this page.
+    #[param(value_type = Option<u32>, minimum = 0, maximum = 1_000_000)]
+    offset: Option<String>,
 }
 
 /// List evaluations, newest first
 ///
-/// Pages through `next_cursor`: pass it as `cursor` for the next page (`null` on the
-/// last one).
+/// Page with `cursor` (pass `next_cursor` back; `null` on the last page) or with
+/// `offset` (the seed platform's way: `offset` + the number of evaluations in the page).
+/// `count` is how many match in all; `has_more` whether a next page exists.
 #[utoipa::path(get, path = "/api/evaluations", tag = "evaluations",
     params(ListParams),
     responses(
@@ -265,47 +285,99 @@ pub struct ListParams {
     ))]
 pub async fn list(state: &State, query: Option<&str>) -> Result<Response<Body>, ApiError> {
     let q: ListParams = query::parse(query)?;
-    let lq = ListQuery::parse(q.status.as_deref(), q.limit.as_deref(), q.cursor.as_deref())?;
+    let lq = ListQuery::parse(
+        q.status.as_deref(),
+        q.limit.as_deref(),
+        q.cursor.as_deref(),
+        q.offset.as_deref(),
+    )?;
     let page = state.service.list(&lq).await?;
     Ok(json_response(StatusCode::OK, &to_value(&page)))
 }
 
+/// The appliance's state, the worst of its subsystems'.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthStatus {
+    /// Everything works.
+    Ok,
+    /// It works partly (e.g. a sink is down, the executor cannot run now).
+    Degraded,
+    /// The store cannot write, or the appliance is stopping (answered with 503).
+    Unhealthy,
+}
+
+/// The answer of `GET /health`: the appliance, `services`, and one entry per subsystem
+/// (`store`, `queue`, `executor`, `sinks`, `redis`, `postgres`, `workers`; `null` when it
+/// is not configured), each owned by that subsystem.
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    pub status: HealthStatus,
+    /// The crucible version.
+    pub version: String,
+    /// This node's id.
+    pub node: String,
+    pub uptime_secs: u64,
+    /// The appliance got SIGTERM and is finishing its work.
+    pub shutting_down: bool,
+    /// When this answer was made (RFC 3339, UTC).
+    #[schema(format = DateTime)]
+    pub timestamp: String,
+    /// Each subsystem's entry, by its key.
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    pub subsystems: serde_json::Map<String, Value>,
+    /// Each subsystem's state, by the key of its entry.
+    #[schema(value_type = std::collections::BTreeMap<String, crate::ops::report::ServiceState>)]
+    pub services: serde_json::Map<String, Value>,
+}
+
 /// Liveness and each subsystem
 ///
-/// `status` is the worst of the subsystems: `ok`, `degraded` (e.g. a sink is down), or
-/// `unhealthy` (the store cannot write, or the appliance is stopping), answered with 503.
-/// Each subsystem adds its own entry (`store`, `queue`, `executor`, `sinks`, `redis`,
-/// `postgres`, `workers`; `null` when not configured). Never needs the token.
+/// `status` is the worst of the subsystems; `services` says each one's state. Never
+/// needs the token.
 #[utoipa::path(get, path = "/health", tag = "ops",
     responses(
-        (status = 200, description = "`ok` or `degraded`", body = Object),
-        (status = 503, description = "`unhealthy`", body = Object),
+        (status = 200, description = "`ok` or `degraded`", body = Health),
+        (status = 503, description = "`unhealthy`", body = Health),
     ))]
 pub async fn health(state: &State) -> Response<Body> {
-    let (level, entries) = state.reporters.health().await;
+    let report = state.reporters.health().await;
     let shutting_down = state.shutdown.is_cancelled();
-    let status = match level {
-        _ if shutting_down => "unhealthy",
-        Level::Unhealthy => "unhealthy",
-        Level::Degraded => "degraded",
-        Level::Ok => "ok",
+    let status = match report.level {
+        _ if shutting_down => HealthStatus::Unhealthy,
+        Level::Unhealthy => HealthStatus::Unhealthy,
+        Level::Degraded => HealthStatus::Degraded,
+        Level::Ok => HealthStatus::Ok,
     };
-    let mut body = json!({
-        "status": status,
-        "version": env!("CARGO_PKG_VERSION"),
-        "node": state.service.node_id(),
-        "uptime_secs": state.started.elapsed().as_secs(),
-        "shutting_down": shutting_down,
-    });
-    if let Value::Object(m) = &mut body {
-        m.extend(entries);
-    }
-    let code = if status == "unhealthy" {
+    let body = Health {
+        status,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        node: state.service.node_id().to_string(),
+        uptime_secs: state.started.elapsed().as_secs(),
+        shutting_down,
+        timestamp: crate::model::now(),
+        subsystems: report.entries,
+        services: report.services,
+    };
+    let code = if status == HealthStatus::Unhealthy {
         StatusCode::SERVICE_UNAVAILABLE
     } else {
         StatusCode::OK
     };
-    json_response(code, &body)
+    json_response(code, &to_value(&body))
+}
+
+/// Liveness and each subsystem (the seed platform's path)
+///
+/// The same answer as `GET /health`.
+#[utoipa::path(get, path = "/api/health", tag = "ops",
+    responses(
+        (status = 200, description = "`ok` or `degraded`", body = Health),
+        (status = 503, description = "`unhealthy`", body = Health),
+    ))]
+pub async fn api_health(state: &State) -> Response<Body> {
+    health(state).await
 }
 
 /// Prometheus metrics

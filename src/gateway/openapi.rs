@@ -30,12 +30,14 @@ use utoipa::OpenApi;
     ),
     paths(
         api::health,
+        api::api_health,
         api::metrics,
         api::openapi,
         api::submit,
         api::submit_batch,
         api::get_eval,
         api::get_eval_status,
+        api::get_eval_seed_status,
         api::cancel,
         api::list,
         sse::events,
@@ -219,6 +221,7 @@ fn add_links(doc: &mut Value) {
         for (name, op) in [
             ("GetEvaluation", "get_eval"),
             ("GetEvaluationBySeedPath", "get_eval_status"),
+            ("GetEvaluationStatus", "get_eval_seed_status"),
             ("CancelEvaluation", "cancel"),
         ] {
             links.insert(

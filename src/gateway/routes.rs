@@ -82,6 +82,9 @@ pub fn table() -> Vec<Route> {
         r(GET, "/health", false, |s, _| {
             Box::pin(async move { Ok(api::health(s).await) })
         }),
+        r(GET, "/api/health", false, |s, _| {
+            Box::pin(async move { Ok(api::api_health(s).await) })
+        }),
         r(GET, "/metrics", true, |s, _| {
             Box::pin(async move { Ok(api::metrics(s).await) })
         }),
@@ -99,6 +102,9 @@ pub fn table() -> Vec<Route> {
         }),
         r(GET, "/api/eval/{id}", true, |s, c| {
             Box::pin(async move { api::get_eval(s, &c.param).await })
+        }),
+        r(GET, "/api/eval/{id}/status", true, |s, c| {
+            Box::pin(async move { api::get_eval_seed_status(s, &c.param).await })
         }),
         r(POST, "/api/eval/{id}/cancel", true, |s, c| {
             Box::pin(async move { api::cancel(s, &c.param).await })

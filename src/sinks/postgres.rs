@@ -192,8 +192,14 @@ impl Report for Postgres {
 
     fn health(&self) -> BoxFuture<'_, Health> {
         Box::pin(async move {
+            // Down: working partly (events wait in the outbox until it is back).
+            let level = if self.connected.load(Ordering::SeqCst) {
+                Level::Ok
+            } else {
+                Level::Degraded
+            };
             Health::new(
-                Level::Ok,
+                level,
                 json!({
                     "connected": self.connected.load(Ordering::SeqCst),
                     "schema_version": self.schema_version.load(Ordering::SeqCst),

@@ -97,6 +97,10 @@ pub struct Submitted {
     /// `true` when an idempotency key matched an existing evaluation.
     #[serde(skip)]
     pub existing: bool,
+    /// Its place in the queue when it was accepted (1: the next to start); `None` for an
+    /// idempotent repeat.
+    #[serde(skip)]
+    pub queue_position: Option<u64>,
 }
 
 /// A poison event parked for a sink.
@@ -240,6 +244,8 @@ pub struct Shared {
     pub batches_done: watch::Sender<u64>,
     pub queue_depth: AtomicU64,
     pub running: AtomicU64,
+    /// Evaluations in each status, indexed by [`Status::index`].
+    pub by_status: [AtomicU64; 5],
     pub healthy: AtomicBool,
     pub last_error: Mutex<Option<String>>,
     pub stats: WriterStats,
@@ -321,6 +327,9 @@ impl Store {
         shared.applying.store(counts.head, Ordering::SeqCst);
         shared.queue_depth.store(counts.queued, Ordering::SeqCst);
         shared.running.store(counts.running, Ordering::SeqCst);
+        for (slot, n) in shared.by_status.iter().zip(counts.by_status) {
+            slot.store(n, Ordering::SeqCst);
+        }
         shared.healthy.store(true, Ordering::SeqCst);
 
         let (tx, rx) = mpsc::channel(8192);
@@ -554,8 +563,9 @@ impl Store {
     }
 
     /// Newest first: at most `limit` records and about [`READ_BUDGET`] bytes, continuing
-    /// after the evaluation `after` (the last one of the previous page). Returns the page
-    /// and the cursor for the next one (`None` on the last page).
+    /// after the evaluation `after` (the last one of the previous page), and after
+    /// skipping `skip` more. Returns the page and the cursor for the next one (`None` on
+    /// the last page).
     ///
     /// Without a status filter the record keys themselves are scanned: eval_ids are
     /// UUIDv7, assigned in order by the single writer, so key order is creation order and
@@ -567,6 +577,7 @@ impl Store {
         status: Option<Status>,
         limit: usize,
         after: Option<&str>,
+        skip: usize,
     ) -> Result<(Vec<Evaluation>, Option<String>), StoreError> {
         let mut out: Vec<Evaluation> = Vec::with_capacity(limit.min(256));
         let mut more = false;
@@ -592,7 +603,8 @@ impl Store {
                         k
                     }
                 };
-                for item in self.tree.range(keys::EVAL.to_vec()..hi).rev() {
+                // Skipped entries are stepped over without being read back or decoded.
+                for item in self.tree.range(keys::EVAL.to_vec()..hi).rev().skip(skip) {
                     let (_, raw) = item?;
                     if !take(&raw, &mut out)? {
                         more = true;
@@ -610,7 +622,7 @@ impl Store {
                 };
                 let lo = keys::status(st.code(), 0);
                 let hi = keys::status(st.code(), below);
-                for item in self.tree.range(lo..hi).rev() {
+                for item in self.tree.range(lo..hi).rev().skip(skip) {
                     let (_, id) = item?;
                     let Some(raw) = self.tree.get(keys::eval(&String::from_utf8_lossy(&id)))?
                     else {
@@ -740,6 +752,19 @@ impl Store {
         self.shared.queue_depth.load(Ordering::SeqCst)
     }
 
+    /// Evaluations in `status` (all of them for `None`), as of the last flush.
+    pub fn count(&self, status: Option<Status>) -> u64 {
+        match status {
+            Some(s) => self.shared.by_status[s.index()].load(Ordering::SeqCst),
+            None => self
+                .shared
+                .by_status
+                .iter()
+                .map(|c| c.load(Ordering::SeqCst))
+                .sum(),
+        }
+    }
+
     /// Evaluations in `running`.
     pub fn running_count(&self) -> u64 {
         self.shared.running.load(Ordering::SeqCst)
@@ -762,6 +787,8 @@ struct Counts {
     head: u64,
     queued: u64,
     running: u64,
+    /// Evaluations in each status, indexed by [`Status::index`].
+    by_status: [u64; 5],
 }
 
 /// Recompute [`Counts`] from the tree (at open, and after a failed batch). The head is
@@ -776,10 +803,12 @@ fn recount(tree: &sled::Tree) -> Result<Counts, StoreError> {
         head = head.max(keys::tail_u64(&k).unwrap_or(0));
     }
     let count = |s: Status| tree.scan_prefix(keys::status_prefix(s.code())).count() as u64;
+    let by_status = Status::ALL.map(count);
     Ok(Counts {
         head,
-        queued: count(Status::Queued),
-        running: count(Status::Running),
+        queued: by_status[Status::Queued.index()],
+        running: by_status[Status::Running.index()],
+        by_status,
     })
 }
 

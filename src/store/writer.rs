@@ -73,6 +73,8 @@ struct Pending<'a> {
     next_seq: u64,
     depth: u64,
     running: u64,
+    /// Evaluations in each status, indexed by `Status::index`.
+    by_status: [u64; 5],
     pruned_upto: u64,
     events: u64,
 }
@@ -145,6 +147,11 @@ impl Writer {
             next_seq: self.last_seq,
             depth: self.shared.queue_depth.load(Ordering::SeqCst),
             running: self.shared.running.load(Ordering::SeqCst),
+            by_status: self
+                .shared
+                .by_status
+                .each_ref()
+                .map(|c| c.load(Ordering::SeqCst)),
             pruned_upto: 0,
             events: 0,
         };
@@ -161,7 +168,7 @@ impl Writer {
         if new_seq != self.last_seq {
             p.batch.insert(keys::META_HEAD, &new_seq.to_be_bytes());
         }
-        let (depth, running, events) = (p.depth, p.running, p.events);
+        let (depth, running, by_status, events) = (p.depth, p.running, p.by_status, p.events);
         let batch = p.batch;
 
         let stats = &self.shared.stats;
@@ -182,6 +189,9 @@ impl Writer {
                 self.last_seq = new_seq;
                 self.shared.queue_depth.store(depth, Ordering::SeqCst);
                 self.shared.running.store(running, Ordering::SeqCst);
+                for (slot, n) in self.shared.by_status.iter().zip(by_status) {
+                    slot.store(n, Ordering::SeqCst);
+                }
                 self.shared.head.store(new_seq, Ordering::SeqCst);
                 self.shared.healthy.store(true, Ordering::SeqCst);
                 stats.events.fetch_add(events, Ordering::Relaxed);
@@ -295,6 +305,9 @@ impl Writer {
                 self.last_seq = c.head.max(self.last_seq);
                 self.shared.queue_depth.store(c.queued, Ordering::SeqCst);
                 self.shared.running.store(c.running, Ordering::SeqCst);
+                for (slot, n) in self.shared.by_status.iter().zip(c.by_status) {
+                    slot.store(n, Ordering::SeqCst);
+                }
             }
             Err(e) => tracing::error!(error = %e, "cannot recount the store"),
         }
@@ -380,10 +393,14 @@ impl Pending<'_> {
         }
         let rec_json = json(&rec);
         self.append_event(kind, &rec, &rec_json);
-        if let Some(old) = prev {
-            if old != rec.status {
+        match prev {
+            None => self.by_status[rec.status.index()] += 1,
+            Some(old) if old != rec.status => {
                 self.batch.remove(keys::status(old.code(), rec.created_seq));
+                self.by_status[old.index()] = self.by_status[old.index()].saturating_sub(1);
+                self.by_status[rec.status.index()] += 1;
             }
+            Some(_) => {}
         }
         self.batch.insert(
             keys::status(rec.status.code(), rec.created_seq),
@@ -446,6 +463,7 @@ impl Pending<'_> {
                         eval_id: id,
                         status: rec.status,
                         existing: true,
+                        queue_position: None,
                     }]);
                 }
             }
@@ -475,6 +493,8 @@ impl Pending<'_> {
                 eval_id: id,
                 status: Status::Queued,
                 existing: false,
+                // The queue is FIFO by creation and this one is its newest entry.
+                queue_position: Some(self.depth),
             });
         }
         if let (Some(key), Some(first)) = (idem_key, out.first()) {

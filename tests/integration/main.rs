@@ -14,4 +14,5 @@ mod ops;
 mod postgres;
 mod redis_rr;
 mod redis_sink;
+mod seed;
 mod ui;
