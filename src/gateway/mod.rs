@@ -1,6 +1,10 @@
 //! The API gateway: a hyper 1.x HTTP/1.1 server with the JSON API, the SSE event stream,
 //! /health, /metrics and the OpenAPI document.
 //!
+//! `routes` is the table of every route (matched by `matchit`), `query` reads query
+//! strings into typed structs, `api` and `sse` are the handlers, `openapi` generates
+//! the document from the types, the handlers' attributes and the route table.
+//!
 //! It validates input, asks the store and the queue to act, and shapes answers. It never
 //! writes state itself and never runs code. Bodies are capped, connections are capped by
 //! a semaphore before `accept`, and shutdown is graceful (in-flight requests finish, event
