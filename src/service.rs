@@ -110,7 +110,7 @@ pub struct BatchAccepted {
 }
 
 /// A non-negative whole number written with digits only (no sign, no spaces).
-fn digits(s: &str) -> Option<usize> {
+pub fn digits(s: &str) -> Option<usize> {
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }

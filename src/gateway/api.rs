@@ -165,7 +165,7 @@ pub async fn submit(
 #[allow(dead_code)]
 pub struct BatchRequest {
     /// 1 to 100 submissions, accepted all together or not at all.
-    #[schema(min_items = 1, max_items = 100)]
+    #[schema(min_items = 1, max_items = 100)] // = MAX_BATCH
     evaluations: Vec<SubmitRequest>,
 }
 
@@ -260,14 +260,14 @@ pub struct ListParams {
     #[param(value_type = Option<crate::model::Status>)]
     status: Option<String>,
     /// Page size.
-    #[param(value_type = Option<u32>, minimum = 1, maximum = 100)]
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 100)] // = MAX_PAGE
     limit: Option<String>,
     /// The `next_cursor` of the previous page; an evaluation that does not exist is a 404.
     #[param(value_type = Option<String>, pattern = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")]
     cursor: Option<String>,
     /// Skip this many first (after `cursor`, if given): the seed platform's paging, where
     /// the next page starts at `offset` + the number of evaluations in this page.
-    #[param(value_type = Option<u32>, minimum = 0, maximum = 1_000_000)]
+    #[param(value_type = Option<u32>, minimum = 0, maximum = 1_000_000)] // = MAX_OFFSET
     offset: Option<String>,
 }
 
@@ -500,6 +500,9 @@ pub async fn replay(
     Ok(json_response(StatusCode::OK, &to_value(&answer)))
 }
 
+/// Most dead letters in one answer.
+pub const MAX_DEAD_LETTERS: usize = 1000;
+
 /// `GET /api/admin/dead-letters` parameters. A parameter that is given must have a
 /// valid, non-empty value.
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
@@ -510,7 +513,7 @@ pub struct DeadLetterParams {
     #[param(value_type = Option<String>, min_length = 1)]
     sink: Option<String>,
     /// At most this many (default 100).
-    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)] // = MAX_DEAD_LETTERS
     limit: Option<String>,
 }
 
@@ -532,12 +535,12 @@ pub fn dead_letters(state: &State, query: Option<&str>) -> Result<Response<Body>
     let q: DeadLetterParams = query::parse(query)?;
     let limit = match q.limit {
         None => 100,
-        Some(l) => match l.parse::<usize>() {
-            Ok(n) if (1..=1000).contains(&n) => n,
+        Some(l) => match crate::service::digits(&l) {
+            Some(n) if (1..=MAX_DEAD_LETTERS).contains(&n) => n,
             _ => {
                 return Err(ApiError::invalid_field(
                     "limit",
-                    "`limit` must be an integer from 1 to 1000",
+                    format!("`limit` must be an integer from 1 to {MAX_DEAD_LETTERS}"),
                 ))
             }
         },

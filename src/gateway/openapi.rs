@@ -389,6 +389,35 @@ mod tests {
     }
 
     #[test]
+    fn bounds_in_attributes_are_the_servers_constants() {
+        use crate::service::{MAX_BATCH, MAX_OFFSET, MAX_PAGE};
+        let d = doc();
+        let param = |path: &str, name: &str| -> Value {
+            d["paths"][path]["get"]["parameters"]
+                .as_array()
+                .and_then(|ps| ps.iter().find(|p| p["name"] == name))
+                .map(|p| p["schema"].clone())
+                .unwrap_or(Value::Null)
+        };
+        assert_eq!(
+            param("/api/evaluations", "limit")["maximum"],
+            json!(MAX_PAGE)
+        );
+        assert_eq!(
+            param("/api/evaluations", "offset")["maximum"],
+            json!(MAX_OFFSET)
+        );
+        assert_eq!(
+            param("/api/admin/dead-letters", "limit")["maximum"],
+            json!(api::MAX_DEAD_LETTERS)
+        );
+        assert_eq!(
+            d["components"]["schemas"]["BatchRequest"]["properties"]["evaluations"]["maxItems"],
+            json!(MAX_BATCH)
+        );
+    }
+
+    #[test]
     fn every_error_status_has_a_response() {
         for c in Code::ALL {
             let s = c.status().as_u16();

@@ -72,7 +72,6 @@ fn parse_seq(s: &str, field: &str) -> Result<u64, ApiError> {
     responses(
         (status = 200, description = "The event stream; each message is one SseEvent",
             content_type = "text/event-stream", body = SseEvent),
-        (status = 500, response = super::openapi::E500),
     ))]
 pub fn events(state: &Arc<State>, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let q: EventsParams = super::query::parse(req.uri().query())?;
