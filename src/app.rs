@@ -168,6 +168,7 @@ pub async fn run(
             (cfg.http.max_inflight_body_mb as usize).saturating_mul(1024),
         )),
         conns: Default::default(),
+        openapi: Default::default(),
     });
     crate::ops::systemd::notify(&format!("READY=1\nSTATUS=serving on {addr}"));
     if let Some(every) = crate::ops::systemd::watchdog_interval() {

@@ -219,6 +219,11 @@ pub struct RedisConfig {
     pub stream_maxlen: u64,
     /// Also PUBLISH each event on its seed channel (`evaluation:queued`, ...).
     pub publish: bool,
+    /// What each PUBLISH carries: `envelope` (the event: `event_id`, `seq`, `type`, ...,
+    /// the record under `data`) or `seed` (the seed platform's flat message, for its
+    /// existing consumers; `evaluation:started` is then also published on
+    /// `evaluation:running`). The stream always carries the envelope.
+    pub payload: RedisPayload,
     /// Channel of the request/reply responder; "" turns the responder off.
     pub request_channel: String,
     /// Requests handled at once; more wait (and may be dropped by the subscriber buffer).
@@ -228,6 +233,18 @@ pub struct RedisConfig {
     pub subscriber_buffer: usize,
 }
 
+/// The shape of the messages PUBLISHed on the seed channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisPayload {
+    /// The event as it is everywhere else (the record under `data`).
+    #[default]
+    Envelope,
+    /// The record's fields at the top level (`eval_id`, `status`, `code`, `output`,
+    /// `error`, `exit_code`, ...), as the seed platform's storage worker reads them.
+    Seed,
+}
+
 impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
@@ -235,6 +252,7 @@ impl Default for RedisConfig {
             stream: "crucible:events".into(),
             stream_maxlen: 1_000_000,
             publish: true,
+            payload: RedisPayload::Envelope,
             request_channel: "crucible.request".into(),
             max_inflight_requests: 64,
             subscriber_buffer: 4096,

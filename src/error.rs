@@ -10,11 +10,11 @@
 use http::StatusCode;
 
 macro_rules! codes {
-    ($($(#[$doc:meta])* $variant:ident => $status:ident, $name:literal;)*) => {
+    ($($(#[doc = $doc:literal])* $variant:ident => $status:ident, $name:literal;)*) => {
         /// Every stable error code, with its HTTP status and its wire name.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         pub enum Code {
-            $($(#[$doc])* $variant,)*
+            $($(#[doc = $doc])* $variant,)*
         }
 
         impl Code {
@@ -32,6 +32,13 @@ macro_rules! codes {
             pub fn status(self) -> StatusCode {
                 match self {
                     $(Code::$variant => StatusCode::$status,)*
+                }
+            }
+
+            /// What the code means (its doc comment above), for the OpenAPI document.
+            pub fn meaning(self) -> &'static str {
+                match self {
+                    $(Code::$variant => concat!($($doc),*).trim_ascii(),)*
                 }
             }
         }

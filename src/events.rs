@@ -15,16 +15,24 @@ use std::sync::Arc;
 /// `seq` is this node's log position (strictly increasing, no gaps); `event_id` is stable
 /// across redeliveries so consumers dedupe on it; `version` is the evaluation's version
 /// after the change; `data` is the full evaluation record after the change.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Event {
+    /// Stable across redeliveries: consumers dedupe on it.
     pub event_id: String,
+    /// This node's log position: strictly increasing, no gaps.
     pub seq: u64,
+    /// What happened (also the Redis channel).
     #[serde(rename = "type")]
     pub kind: EventType,
     pub eval_id: String,
+    /// The evaluation's version after the change.
     pub version: u64,
+    /// When it happened (RFC 3339, UTC).
+    #[schema(format = DateTime)]
     pub timestamp: String,
+    /// The node that wrote it.
     pub node: String,
+    /// The whole record after the change.
     pub data: Evaluation,
     /// The exact JSON this event was stored as, when it was read from the log: sinks
     /// forward these bytes instead of serializing the event again.

@@ -4,7 +4,7 @@
 //!
 //! | seed service                  | module |
 //! |-------------------------------|--------|
-//! | API gateway                   | [`gateway`] (hyper: JSON API, SSE, web UI, /health, /metrics) |
+//! | API gateway                   | [`gateway`] (hyper: JSON API, SSE, web UI, /health, /metrics, the generated OpenAPI document) |
 //! | Queue service + queue worker  | [`queue`] (durable FIFO in the store, dispatcher, worker pool) |
 //! | Executor + Docker proxy       | [`executor`]: [`executor::sandbox`] (namespaces, no daemon; [`executor::helper`] runs the code) and [`executor::docker`] (one hardened container per run) |
 //! | Redis pub/sub                 | [`sinks::redis`] (PUBLISH + XADD), fed by an [`outbox`] relay |

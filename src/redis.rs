@@ -154,12 +154,9 @@ impl Report for Redis {
             if self.probe.checked() && !self.probe.is_up() {
                 self.probe.record("redis", self.check().await);
             }
-            let up = self.is_connected() && self.probe.is_up();
-            let level = if self.probe.checked() && !up {
-                Level::Degraded
-            } else {
-                Level::Ok
-            };
+            // Down: working partly (events wait in the outbox, requests go unanswered).
+            let up = self.is_connected() && (self.probe.is_up() || !self.probe.checked());
+            let level = if !up { Level::Degraded } else { Level::Ok };
             Health::new(
                 level,
                 json!({

@@ -136,7 +136,9 @@ fn field_err(field: &str, message: &str) -> ApiError {
 /// A payload value as text for [`ListQuery::parse`] (numbers are accepted too).
 fn text(v: Option<&Value>) -> Option<String> {
     match v {
+        // An empty string counts as absent here (over HTTP an empty parameter is an error).
         None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.is_empty() => None,
         Some(Value::String(s)) => Some(s.clone()),
         Some(other) => Some(other.to_string()),
     }
@@ -152,12 +154,13 @@ async fn dispatch(service: &Service, kind: &str, payload: &Value) -> Result<Valu
             Ok(serde_json::to_value(service.get(id).await?).unwrap_or(Value::Null))
         }
         "list_evaluations" => {
-            let (s, l, c) = (
+            let (s, l, c, o) = (
                 text(payload.get("status")),
                 text(payload.get("limit")),
                 text(payload.get("cursor")),
+                text(payload.get("offset")),
             );
-            let q = ListQuery::parse(s.as_deref(), l.as_deref(), c.as_deref())?;
+            let q = ListQuery::parse(s.as_deref(), l.as_deref(), c.as_deref(), o.as_deref())?;
             Ok(serde_json::to_value(service.list(&q).await?).unwrap_or(Value::Null))
         }
         "submit_evaluation" => {
@@ -167,7 +170,7 @@ async fn dispatch(service: &Service, kind: &str, payload: &Value) -> Result<Valu
                 Some(_) => return Err(field_err("idempotency_key", "must be a string")),
             };
             let s = service.submit(payload, key).await?;
-            Ok(json!({"eval_id": s.eval_id, "status": s.status}))
+            Ok(serde_json::to_value(s).unwrap_or(Value::Null))
         }
         other => Err(field_err(
             "request_type",

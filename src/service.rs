@@ -9,7 +9,8 @@ use crate::error::{ApiError, Code};
 use crate::events::Event;
 use crate::executor::Executor;
 use crate::model::{
-    validate_submission, Evaluation, FieldError, JudgeRules, NewEvaluation, Status, SubmitRules,
+    document_submission, validate_submission, Evaluation, FieldError, JudgeRules, LanguageState,
+    NewEvaluation, Status, SubmitRules,
 };
 use crate::outbox::{Outbox, ReplayError, SinkReport};
 use crate::queue::Queue;
@@ -21,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use utoipa::ToSchema;
 
 /// Most evaluations in one batch.
 pub const MAX_BATCH: usize = 100;
@@ -30,6 +32,10 @@ pub const MAX_PAGE: usize = 100;
 
 /// Default page size of a listing.
 pub const DEFAULT_PAGE: usize = 20;
+
+/// Largest `offset` of a listing: each request steps over that many entries, so deeper
+/// pages are reached with `cursor`, which costs nothing.
+pub const MAX_OFFSET: usize = 1_000_000;
 
 /// The appliance's operations.
 pub struct Service {
@@ -46,12 +52,84 @@ pub struct Service {
     pub accepted: AtomicU64,
 }
 
-/// A page of evaluations, newest first.
-#[derive(Debug, Serialize)]
+/// A page of evaluations, newest first. Page with `cursor` (pass `next_cursor` back) or
+/// with `offset` (pass `offset` + the number of evaluations in this page).
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Page {
+    /// Newest first.
     pub evaluations: Vec<Evaluation>,
     /// Pass as `cursor` to get the next page; `null` on the last one.
     pub next_cursor: Option<String>,
+    /// How many evaluations match the filter in all (every page together).
+    pub count: u64,
+    /// Whether a next page exists.
+    pub has_more: bool,
+    /// The page size asked for (a page of very large records may hold fewer).
+    pub limit: usize,
+    /// How many evaluations were skipped before this page (after `cursor`, if given).
+    pub offset: usize,
+}
+
+/// The answer to a submission.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Accepted {
+    /// The evaluation's id (the first submission's, for a repeated `Idempotency-Key`).
+    pub eval_id: String,
+    /// `queued`; for a repeated `Idempotency-Key`, the evaluation's status now.
+    pub status: Status,
+    /// What happened, in words.
+    pub message: String,
+    /// Its place in the queue when it was accepted (1: the next to start); `null` for a
+    /// repeated `Idempotency-Key`.
+    pub queue_position: Option<u64>,
+}
+
+impl From<Submitted> for Accepted {
+    fn from(s: Submitted) -> Accepted {
+        let message = if s.existing {
+            "already submitted with this Idempotency-Key; this is that evaluation"
+        } else {
+            "evaluation queued for processing"
+        };
+        Accepted {
+            eval_id: s.eval_id,
+            status: s.status,
+            message: message.to_string(),
+            queue_position: s.queue_position,
+        }
+    }
+}
+
+/// The answer to a batch: one entry per submission, in the order given. A batch is
+/// accepted whole or not at all, so `queued` = `total` and `failed` = 0 in an answer.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct BatchAccepted {
+    pub evaluations: Vec<Accepted>,
+    /// Submissions in the batch.
+    pub total: usize,
+    /// Submissions accepted and queued.
+    pub queued: usize,
+    /// Submissions refused (always 0: a refused item refuses the batch, with a 422).
+    pub failed: usize,
+}
+
+/// A non-negative whole number written with digits only (no sign, no spaces).
+pub fn digits(s: &str) -> Option<usize> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// The form of an eval_id (a lowercase hyphenated UUID), which is also the form of a
+/// listing cursor.
+pub fn is_eval_id(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_digit() || (b'a'..=b'f').contains(c),
+        })
 }
 
 /// What to list.
@@ -61,18 +139,21 @@ pub struct ListQuery {
     pub limit: usize,
     /// The `next_cursor` of the previous page (an eval_id).
     pub after: Option<String>,
+    /// Entries to skip first (after `after`, if given).
+    pub offset: usize,
 }
 
 impl ListQuery {
     /// Parse the textual form (HTTP query parameters; Redis payload fields as text).
-    /// Empty strings count as absent.
+    /// A value that is given must be valid: an empty one is an error too.
     pub fn parse(
         status: Option<&str>,
         limit: Option<&str>,
         cursor: Option<&str>,
+        offset: Option<&str>,
     ) -> Result<ListQuery, ApiError> {
         let status = match status {
-            None | Some("") => None,
+            None => None,
             Some(s) => Some(Status::parse(s).ok_or_else(|| {
                 ApiError::invalid_field(
                     "status",
@@ -82,8 +163,8 @@ impl ListQuery {
         };
         let limit = match limit {
             None => DEFAULT_PAGE,
-            Some(s) => match s.parse::<usize>() {
-                Ok(n) if (1..=MAX_PAGE).contains(&n) => n,
+            Some(s) => match digits(s) {
+                Some(n) if (1..=MAX_PAGE).contains(&n) => n,
                 _ => {
                     return Err(ApiError::invalid_field(
                         "limit",
@@ -93,12 +174,9 @@ impl ListQuery {
             },
         };
         let after = match cursor {
-            None | Some("") => None,
+            None => None,
             Some(c) => {
-                let ok = c.len() <= 64
-                    && c.bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-                if !ok {
+                if !is_eval_id(c) {
                     return Err(ApiError::invalid_field(
                         "cursor",
                         "`cursor` must be a value returned as `next_cursor`",
@@ -107,10 +185,25 @@ impl ListQuery {
                 Some(c.to_string())
             }
         };
+        let offset = match offset {
+            None => 0,
+            Some(s) => match digits(s) {
+                Some(n) if n <= MAX_OFFSET => n,
+                _ => {
+                    return Err(ApiError::invalid_field(
+                        "offset",
+                        format!(
+                            "`offset` must be an integer from 0 to {MAX_OFFSET} (page further with `cursor`)"
+                        ),
+                    ))
+                }
+            },
+        };
         Ok(ListQuery {
             status,
             limit,
             after,
+            offset,
         })
     }
 }
@@ -171,8 +264,8 @@ pub fn check_idempotency_key(key: &str, field: &str) -> Result<String, ApiError>
 }
 
 impl Service {
-    /// Validate one submission object.
-    pub fn validate(&self, v: &Value) -> Result<NewEvaluation, FieldError> {
+    /// The rules a submission is validated (and documented) with.
+    fn with_rules<R>(&self, f: impl FnOnce(&SubmitRules<'_>) -> R) -> R {
         let ex = self.executor.clone();
         let langs = move |name: &str| ex.language_state(name);
         let cfg = self.live.get();
@@ -193,7 +286,28 @@ impl Service {
                 max_args: cfg.judge.max_args,
             },
         };
-        validate_submission(v, &rules)
+        f(&rules)
+    }
+
+    /// Validate one submission object.
+    pub fn validate(&self, v: &Value) -> Result<NewEvaluation, FieldError> {
+        self.with_rules(|rules| validate_submission(v, rules))
+    }
+
+    /// The configured languages this host can run now.
+    pub fn available_languages(&self) -> Vec<String> {
+        self.cfg
+            .languages
+            .keys()
+            .filter(|l| self.executor.language_state(l) == LanguageState::Available)
+            .cloned()
+            .collect()
+    }
+
+    /// Write this server's submission bounds into the OpenAPI `components.schemas`.
+    pub fn document_submission(&self, schemas: &mut Value) {
+        let available = self.available_languages();
+        self.with_rules(|rules| document_submission(schemas, rules, &available));
     }
 
     fn check_accepting(&self) -> Result<(), ApiError> {
@@ -211,7 +325,7 @@ impl Service {
     /// With an idempotency key, a retry of the same request (compared as parsed JSON:
     /// whitespace and key order do not matter) returns the first evaluation; a different
     /// request with the same key is `409 idempotency_key_conflict`.
-    pub async fn submit(&self, v: &Value, idem_key: Option<String>) -> Result<Submitted, ApiError> {
+    pub async fn submit(&self, v: &Value, idem_key: Option<String>) -> Result<Accepted, ApiError> {
         let new = self.validate(v)?;
         self.check_accepting()?;
         let idem_key = idem_key.map(|key| IdemKey {
@@ -236,11 +350,11 @@ impl Service {
                 "evaluation accepted"
             );
         }
-        Ok(s)
+        Ok(s.into())
     }
 
     /// Durably accept up to [`MAX_BATCH`] evaluations, all or nothing.
-    pub async fn submit_batch(&self, v: &Value) -> Result<Vec<Submitted>, ApiError> {
+    pub async fn submit_batch(&self, v: &Value) -> Result<BatchAccepted, ApiError> {
         let list = match v.get("evaluations") {
             Some(Value::Array(a)) => a,
             Some(_) => {
@@ -286,7 +400,13 @@ impl Service {
             .submit(news, None, self.live.get().max_queued as u64)
             .await?;
         self.accepted.fetch_add(n, Ordering::Relaxed);
-        Ok(res)
+        let evaluations: Vec<Accepted> = res.into_iter().map(Accepted::from).collect();
+        Ok(BatchAccepted {
+            total: evaluations.len(),
+            queued: evaluations.len(),
+            failed: 0,
+            evaluations,
+        })
     }
 
     /// One evaluation.
@@ -301,16 +421,20 @@ impl Service {
     pub async fn list(&self, q: &ListQuery) -> Result<Page, ApiError> {
         let (evaluations, next_cursor) = self
             .store
-            .list(q.status, q.limit, q.after.as_deref())
+            .list(q.status, q.limit, q.after.as_deref(), q.offset)
             .await
             .map_err(|e| match e {
-                crate::store::StoreError::NotFound => ApiError::invalid_field(
-                    "cursor",
-                    "`cursor` must be a value returned as `next_cursor`",
-                ),
+                crate::store::StoreError::NotFound => {
+                    ApiError::new(Code::NotFound, "no evaluation has the id given as `cursor`")
+                        .with_field("cursor")
+                }
                 other => other.into(),
             })?;
         Ok(Page {
+            has_more: next_cursor.is_some(),
+            count: self.store.count(q.status),
+            limit: q.limit,
+            offset: q.offset,
             evaluations,
             next_cursor,
         })
@@ -460,26 +584,39 @@ mod tests {
 
     #[test]
     fn list_query_parsing() {
-        let q = ListQuery::parse(Some("failed"), Some("5"), Some("01a2-ab")).expect("valid");
+        let id = "0193a0b4-7d2e-7c4a-9f00-00000000abcd";
+        let q = ListQuery::parse(Some("failed"), Some("5"), Some(id), None).expect("valid");
         assert_eq!(
             q,
             ListQuery {
                 status: Some(Status::Failed),
                 limit: 5,
-                after: Some("01a2-ab".into())
+                after: Some(id.into()),
+                offset: 0,
             }
         );
-        let d = ListQuery::parse(None, None, Some("")).expect("defaults");
+        let d = ListQuery::parse(None, None, None, None).expect("defaults");
         assert_eq!((d.status, d.limit, d.after), (None, DEFAULT_PAGE, None));
-        for (s, l, c, field) in [
-            (Some("done"), None, None, "status"),
-            (None, Some("0"), None, "limit"),
-            (None, Some("101"), None, "limit"),
-            (None, Some("x"), None, "limit"),
-            (None, None, Some("a b"), "cursor"),
-            (None, None, Some(&"x".repeat(65)), "cursor"),
+        let o = ListQuery::parse(None, Some("10"), None, Some("30")).expect("offset");
+        assert_eq!((o.limit, o.offset), (10, 30));
+        for (s, l, c, o, field) in [
+            (Some("done"), None, None, None, "status"),
+            (Some(""), None, None, None, "status"),
+            (None, Some(""), None, None, "limit"),
+            (None, Some("+5"), None, None, "limit"),
+            (None, None, Some(""), None, "cursor"),
+            (None, None, Some("01a2-ab"), None, "cursor"),
+            (None, None, Some(&id.to_uppercase()), None, "cursor"),
+            (None, Some("0"), None, None, "limit"),
+            (None, Some("101"), None, None, "limit"),
+            (None, Some("x"), None, None, "limit"),
+            (None, None, Some("a b"), None, "cursor"),
+            (None, None, Some(&"x".repeat(65)), None, "cursor"),
+            (None, None, None, Some(""), "offset"),
+            (None, None, None, Some("-1"), "offset"),
+            (None, None, None, Some("1000001"), "offset"),
         ] {
-            let e = ListQuery::parse(s, l, c).expect_err(field);
+            let e = ListQuery::parse(s, l, c, o).expect_err(field);
             assert_eq!(e.field.as_deref(), Some(field));
         }
         assert!(check_idempotency_key("abc-1", "k").is_ok());

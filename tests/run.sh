@@ -36,6 +36,7 @@ stage_deps() {
   # The web UI tests drive a headless Chromium over WebDriver.
   command -v chromium >/dev/null || missing+=(chromium)
   command -v chromedriver >/dev/null || missing+=(chromium-driver)
+  command -v promtool >/dev/null || missing+=(prometheus)   # promtool checks /metrics
   # The VM test (tests/vm/): qemu, an image built with debootstrap, ext4 disks made
   # without mounting (mkfs.ext4 -d) and read back with debugfs. No recommends (qemu's
   # would pull a GUI).
@@ -81,6 +82,7 @@ stage_clippy() { cargo clippy --all-targets -- -D warnings; }
 stage_test() {
   cargo test -- --test-threads="${TEST_THREADS:-2}"
   echo "   UI screenshots of each step: target/test-artifacts/ui/"
+  tests/schemathesis.sh
 }
 
 # packaging: static musl binary, .deb, unit, install/upgrade/purge in a throwaway root.

@@ -62,15 +62,18 @@ pub struct CompileOutput {
 }
 
 /// A language as the executor sees it, for `GET /api/languages`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct LanguageInfo {
+    /// The name a submission's `language` uses.
     pub name: String,
     /// The toolchain's version, asked of it at start (`null` until known or when it has
     /// none).
     pub version: Option<String>,
+    /// Whether it has a compile step.
     pub compiled: bool,
     /// The main file's name.
     pub file: String,
+    /// Whether it can run on this host now.
     pub available: bool,
     /// Why not, when not available.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -1,6 +1,10 @@
 //! The API gateway: a hyper 1.x HTTP/1.1 server with the JSON API, the SSE event stream,
 //! /health, /metrics and the OpenAPI document.
 //!
+//! `routes` is the table of every route (matched by `matchit`), `query` reads query
+//! strings into typed structs, `api` and `sse` are the handlers, `openapi` generates
+//! the document from the types, the handlers' attributes and the route table.
+//!
 //! It validates input, asks the store and the queue to act, and shapes answers. It never
 //! writes state itself and never runs code. Bodies are capped, connections are capped by
 //! a semaphore before `accept`, and shutdown is graceful (in-flight requests finish, event
@@ -9,6 +13,9 @@
 mod api;
 pub(crate) mod conns;
 mod error;
+mod openapi;
+mod query;
+mod routes;
 mod sse;
 mod ui;
 
@@ -18,10 +25,11 @@ use crate::config::Config;
 use crate::ops::metrics::{Histogram, LabeledCounter};
 use crate::ops::report::Reporters;
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use routes::{Call, QueryRule, Resolved};
 use std::convert::Infallible;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -70,6 +78,8 @@ pub struct State {
     pub body_budget: Arc<Semaphore>,
     /// Open connections (for the cap under abuse).
     pub conns: Arc<conns::Conns>,
+    /// The OpenAPI document, built on first request.
+    pub openapi: std::sync::OnceLock<serde_json::Value>,
 }
 
 /// Serve HTTP on `listener` until `shutdown` fires; then let in-flight requests finish
@@ -108,13 +118,14 @@ pub async fn serve(state: Arc<State>, listener: TcpListener, drain: Duration) {
         }
         let _ = stream.set_nodelay(true);
         let conn = conns.add();
+        let local = stream.local_addr().ok();
         let st = state.clone();
         let this = conn.clone();
         let svc = hyper::service::service_fn(move |req| {
             let st = st.clone();
             let guard = conns::InProgress::start(this.clone(), st.conns.clone());
             async move {
-                let resp = handle(st, req).await;
+                let resp = handle(st, req, local).await;
                 Ok::<_, Infallible>(resp.map(|b| conns::track(b, guard)))
             }
         });
@@ -141,7 +152,11 @@ pub async fn serve(state: Arc<State>, listener: TcpListener, drain: Duration) {
     }
 }
 
-async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+    local: Option<std::net::SocketAddr>,
+) -> Response<Body> {
     let t = Instant::now();
     let (route, resp) = if req
         .headers()
@@ -160,7 +175,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             )),
         )
     } else {
-        route(&state, req).await
+        route(&state, req, local).await
     };
     let mut resp = match resp {
         Ok(r) => r,
@@ -180,125 +195,30 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
 
 type Handled = (&'static str, Result<Response<Body>, ApiError>);
 
-async fn route(state: &Arc<State>, req: Request<Incoming>) -> Handled {
-    let path = req.uri().path().to_string();
-    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let m = req.method().clone();
-    let get = m == Method::GET || m == Method::HEAD;
-    let post = m == Method::POST;
-    let authed = |route: &'static str| -> Option<Handled> {
-        if authorized(state, &req) {
-            None
-        } else {
-            Some((route, Err(ApiError::unauthorized())))
-        }
-    };
-    macro_rules! guarded {
-        ($route:expr, $ok:expr, $allow:expr, $body:expr) => {{
-            if !$ok {
-                return ($route, Err(ApiError::method_not_allowed($allow)));
+/// Find the route and call it: 404 for an unknown path, 405 (with `Allow`) for a known
+/// path and another method, 401 without the token where one is needed.
+async fn route(
+    state: &Arc<State>,
+    req: Request<Incoming>,
+    local: Option<std::net::SocketAddr>,
+) -> Handled {
+    match routes::router().resolve(req.method(), req.uri().path()) {
+        Resolved::NotFound => ("other", Err(ApiError::not_found("route"))),
+        Resolved::WrongMethod(allow, label) => (label, Err(ApiError::method_not_allowed(allow))),
+        Resolved::Route(r, param) => {
+            if r.auth && !authorized(state, &req) {
+                return (r.label, Err(ApiError::unauthorized()));
             }
-            if let Some(h) = authed($route) {
-                return h;
+            if r.query == QueryRule::None {
+                if let Err(e) = query::parse::<query::NoParams>(req.uri().query()) {
+                    return (r.label, Err(e));
+                }
             }
-            ($route, $body)
-        }};
-    }
-    match segs.as_slice() {
-        [""] if get => ("/", ui::asset("index.html", req.headers())),
-        ["ui", file] if get => ("/ui/{file}", ui::asset(file, req.headers())),
-        [""] | ["ui", _] => ("/", Err(ApiError::method_not_allowed("GET, HEAD"))),
-        ["health"] if get => ("/health", Ok(api::health(state).await)),
-        ["health"] => ("/health", Err(ApiError::method_not_allowed("GET, HEAD"))),
-        ["metrics"] => guarded!("/metrics", get, "GET, HEAD", Ok(api::metrics(state).await)),
-        ["api", "openapi.json"] if get => ("/api/openapi.json", Ok(api::openapi())),
-        ["api", "languages"] => guarded!(
-            "/api/languages",
-            get,
-            "GET, HEAD",
-            Ok(api::languages(state).await)
-        ),
-        ["api", "eval"] => guarded!("/api/eval", post, "POST", api::submit(state, req).await),
-        ["api", "eval-batch"] => {
-            guarded!(
-                "/api/eval-batch",
-                post,
-                "POST",
-                api::submit_batch(state, req).await
+            (
+                r.label,
+                (r.handler)(state, Call { req, param, local }).await,
             )
         }
-        ["api", "eval-status", id] => {
-            let id = id.to_string();
-            guarded!(
-                "/api/eval-status/{id}",
-                get,
-                "GET, HEAD",
-                api::get_eval(state, &id).await
-            )
-        }
-        ["api", "eval", id] => {
-            let id = id.to_string();
-            guarded!(
-                "/api/eval/{id}",
-                get,
-                "GET, HEAD",
-                api::get_eval(state, &id).await
-            )
-        }
-        ["api", "eval", id, "cancel"] => {
-            let id = id.to_string();
-            guarded!(
-                "/api/eval/{id}/cancel",
-                post,
-                "POST",
-                api::cancel(state, &id).await
-            )
-        }
-        ["api", "evaluations"] => {
-            guarded!(
-                "/api/evaluations",
-                get,
-                "GET, HEAD",
-                api::list(state, req.uri().query()).await
-            )
-        }
-        ["api", "events"] => guarded!("/api/events", get, "GET, HEAD", sse::events(state, &req)),
-        ["api", "admin", "sinks"] => {
-            guarded!("/api/admin/sinks", get, "GET, HEAD", Ok(api::sinks(state)))
-        }
-        ["api", "admin", "sinks", name, "replay"] => {
-            let name = name.to_string();
-            guarded!(
-                "/api/admin/sinks/{name}/replay",
-                post,
-                "POST",
-                api::replay(state, &name, req).await
-            )
-        }
-        ["api", "admin", "dead-letters"] => guarded!(
-            "/api/admin/dead-letters",
-            get,
-            "GET, HEAD",
-            api::dead_letters(state, req.uri().query())
-        ),
-        ["api", "admin", "backup"] => {
-            guarded!(
-                "/api/admin/backup",
-                post,
-                "POST",
-                api::backup(state, req).await
-            )
-        }
-        ["api", "admin", "queue", action @ ("pause" | "resume")] => {
-            let action = action.to_string();
-            guarded!(
-                "/api/admin/queue",
-                post,
-                "POST",
-                Ok(api::pause_resume(state, &action))
-            )
-        }
-        _ => ("other", Err(ApiError::not_found("route"))),
     }
 }
 

@@ -16,23 +16,88 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+/// `GET /api/events` parameters. A parameter that is given must have a valid,
+/// non-empty value.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct EventsParams {
+    /// Only this evaluation's events.
+    #[param(value_type = Option<String>, min_length = 1)]
+    eval_id: Option<String>,
+    /// Resume after this seq, for clients that cannot send `Last-Event-ID` (the header
+    /// wins when both are given).
+    #[param(value_type = Option<u64>, minimum = 0)]
+    last_event_id: Option<String>,
+}
+
+/// One message of the stream, as an SSE client reads it.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct SseEvent {
+    /// The event's `seq`: send it back as `Last-Event-ID` to resume after it.
+    #[schema(pattern = "^[0-9]+$")]
+    id: String,
+    /// The event's `type`.
+    event: crate::events::EventType,
+    /// The event, as JSON.
+    data: String,
+}
+
+/// A seq given as `Last-Event-ID` (or `last_event_id`): digits only. One beyond every
+/// seq means "from the head".
+fn parse_seq(s: &str, field: &str) -> Result<u64, ApiError> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ApiError::invalid_field(
+            field,
+            format!("{field} must be the seq of an event (digits only)"),
+        ));
+    }
+    Ok(s.parse::<u64>().unwrap_or(u64::MAX))
+}
+
+/// Server-Sent Events from the durable log
+///
+/// A `text/event-stream` that does not end: each message has `id: <seq>`,
+/// `event: <type>` and `data: <the Event as JSON>`; comments (`:`) keep the connection
+/// alive. Without `Last-Event-ID` the stream starts at the current head (live events
+/// only); with it, it resumes after that seq from the durable log (from the oldest
+/// retained event if that seq was pruned, said in a comment).
+#[utoipa::path(get, path = "/api/events", tag = "events",
+    params(
+        EventsParams,
+        ("Last-Event-ID" = Option<u64>, Header, minimum = 0,
+            description = "Resume after this seq (what an EventSource sends when it reconnects)"),
+    ),
+    responses(
+        (status = 200, description = "The event stream; each message is one SseEvent",
+            content_type = "text/event-stream", body = SseEvent),
+    ))]
 pub fn events(state: &Arc<State>, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let q = super::api::query_map(req.uri().query());
-    let filter = q.get("eval_id").cloned().filter(|s| !s.is_empty());
+    let q: EventsParams = super::query::parse(req.uri().query())?;
+    if q.eval_id.as_deref() == Some("") {
+        return Err(ApiError::invalid_field(
+            "eval_id",
+            "`eval_id` must name an evaluation (leave it out for all)",
+        ));
+    }
+    let filter = q.eval_id;
     let from_header = req
         .headers()
         .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .map(|s| s.trim().to_string());
-    let from = from_header.or_else(|| q.get("last_event_id").cloned());
-    let mut cursor = match from.as_deref() {
-        None | Some("") => state.service.head(),
-        Some(s) => s.parse::<u64>().map_err(|_| {
-            ApiError::invalid_field(
-                "Last-Event-ID",
-                "Last-Event-ID must be the seq of an event (an integer)",
-            )
-        })?,
+        .map(|v| v.to_str().map(|s| s.trim().to_string()).unwrap_or_default());
+    // Both are checked when both are given; the header wins. The parameter is named
+    // like the header in errors: it is the same value.
+    let from_param = q
+        .last_event_id
+        .map(|p| parse_seq(&p, "Last-Event-ID"))
+        .transpose()?;
+    let from_header = from_header
+        .map(|h| parse_seq(&h, "Last-Event-ID"))
+        .transpose()?;
+    let mut cursor = match from_header.or(from_param) {
+        Some(seq) => seq,
+        None => state.service.head(),
     };
     let head = state.service.head();
     if cursor > head {

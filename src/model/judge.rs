@@ -5,15 +5,17 @@
 use serde::{Deserialize, Serialize};
 
 /// A source file placed beside the main file (`code`), at `/code/<name>`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SourceFile {
-    /// A plain relative path (`util.h`, `pkg/mod.py`).
+    /// A plain relative path (`util.h`, `pkg/mod.py`): no `..`, not absolute, not the
+    /// main file's name, no duplicates.
     pub name: String,
+    /// The file's content (UTF-8).
     pub content: String,
 }
 
 /// How a test's output is checked against its `expected_output`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Compare {
     /// Byte for byte.
@@ -98,7 +100,7 @@ fn tokens_match(x: &str, y: &str, tolerance: f64) -> bool {
 
 /// The outcome of one test (or, for the evaluation, the first test that was not
 /// accepted; `compile_error` when compilation failed).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
     Accepted,
@@ -140,21 +142,29 @@ impl Verdict {
 }
 
 /// One test case: what was submitted, and once judged, what happened.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TestCase {
+    /// As submitted (optional).
     pub name: Option<String>,
+    /// The program's standard input for this test.
     pub stdin: Option<String>,
+    /// What the output must match (per `compare`); `null`: any output is accepted.
     pub expected_output: Option<String>,
     /// Wall-clock timeout of this test, in seconds.
     pub timeout: f64,
     /// `null` until judged.
     pub verdict: Option<Verdict>,
+    /// The program's exit code (`null` when killed by a signal, or not run).
     pub exit_code: Option<i32>,
+    /// Wall-clock time of this run, in milliseconds.
     pub runtime_ms: Option<u64>,
+    /// CPU time of this run's whole process tree, in milliseconds.
     pub cpu_ms: Option<u64>,
+    /// Peak memory of this run's whole process tree, in KiB.
     pub memory_peak_kb: Option<u64>,
-    /// The test's stdout and stderr, each capped at `[judge] test_output_bytes`.
+    /// The test's stdout, capped at `[judge] test_output_bytes`.
     pub stdout: Option<String>,
+    /// The test's stderr, capped likewise.
     pub stderr: Option<String>,
     /// The stored output was cut (at `test_output_bytes`), or the program wrote more
     /// than `max_output_bytes`.
@@ -231,22 +241,30 @@ impl TestOutcome {
 }
 
 /// The compile step of a compiled language.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CompileInfo {
+    /// The compiler's exit code (`null` when it was killed).
     pub exit_code: Option<i32>,
+    /// The compiler's stdout (capped).
     pub stdout: String,
+    /// The compiler's stderr (capped): the diagnostics of a `compile_error`.
     pub stderr: String,
+    /// Wall-clock time of the compile step, in milliseconds.
     pub runtime_ms: Option<u64>,
+    /// CPU time of the compile step's process tree, in milliseconds.
     pub cpu_ms: Option<u64>,
+    /// Peak memory of the compile step's process tree, in KiB.
     pub memory_peak_kb: Option<u64>,
     /// The program came from the compile cache (this evaluation compiled nothing).
     pub cached: bool,
 }
 
 /// Tests passed out of tests submitted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Score {
+    /// Tests accepted.
     pub passed: u64,
+    /// Tests submitted.
     pub total: u64,
 }
 

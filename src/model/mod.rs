@@ -6,14 +6,18 @@ mod judge;
 mod validate;
 
 pub use judge::*;
-pub use validate::{validate_submission, FieldError, JudgeRules, LanguageState, SubmitRules};
+pub use validate::{
+    code_pattern, document_submission, validate_submission, whole_number, FieldError, FileRequest,
+    JudgeRules, LanguageState, LimitsRequest, SubmitRequest, SubmitRules, TestRequest,
+};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::ToSchema;
 
 /// Lifecycle of an evaluation: `queued -> running -> completed | failed | cancelled`.
 /// Terminal states never change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Queued,
@@ -49,6 +53,11 @@ impl Status {
         }
     }
 
+    /// Its position in [`Status::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// One byte used in store index keys.
     pub fn code(self) -> u8 {
         match self {
@@ -67,7 +76,7 @@ impl Status {
 }
 
 /// Event types; the wire name is also the Redis channel (seed names).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 pub enum EventType {
     #[serde(rename = "evaluation:queued")]
     Queued,
@@ -128,7 +137,7 @@ impl EventType {
 }
 
 /// Why a `failed` evaluation failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FailureReason {
     /// The program ran and exited with a non-zero code (or was killed by a signal).
@@ -159,20 +168,31 @@ impl FailureReason {
     }
 }
 
+// The OpenAPI document is generated from this type: a new field needs only its doc line.
 /// The evaluation record, as returned by the API and carried in every event's `data`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Every field is always present (`null` when empty).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Evaluation {
+    /// Its id (a UUIDv7: ids sort by creation time).
     pub eval_id: String,
     pub status: Status,
     pub language: String,
+    /// The source code, as submitted.
     pub code: String,
     /// Standard input given to the program, if any.
     pub stdin: Option<String>,
     /// Wall-clock timeout in seconds.
     pub timeout: f64,
+    /// When it was accepted (RFC 3339, UTC).
+    #[schema(format = DateTime)]
     pub created_at: String,
+    /// When it started running.
+    #[schema(format = DateTime)]
     pub started_at: Option<String>,
+    /// When it reached its terminal status.
+    #[schema(format = DateTime)]
     pub completed_at: Option<String>,
+    /// Wall-clock run time in milliseconds.
     pub runtime_ms: Option<u64>,
     /// CPU time (user + system) of the run's whole process tree, in milliseconds.
     #[serde(default)]
@@ -180,17 +200,22 @@ pub struct Evaluation {
     /// Peak memory of the run's whole process tree, in KiB.
     #[serde(default)]
     pub memory_peak_kb: Option<u64>,
+    /// The program's exit code (`null` until it ran, or when it was killed by a signal).
     pub exit_code: Option<i32>,
     /// `true` only for `completed`; `false` for the other terminal states; `null` before.
     pub success: Option<bool>,
     /// Captured stdout (capped; see `output_truncated`).
     pub output: String,
+    /// Captured stderr (capped; see `output_truncated`).
     pub stderr: String,
     /// Why it failed, in words.
     pub error: Option<String>,
     /// stdout or stderr was longer than the cap and was cut.
     pub output_truncated: bool,
+    /// Why it failed (`null` unless `failed`).
     pub failure_reason: Option<FailureReason>,
+    /// The submission's `metadata`, as given.
+    #[schema(value_type = Option<Object>)]
     pub metadata: Option<Value>,
     /// The limits the run gets (the request's, within the server's maximum for the
     /// language). `null` only on records written before limits were recorded.
@@ -208,6 +233,7 @@ pub struct Evaluation {
     /// How outputs are compared with `expected_output`.
     #[serde(default)]
     pub compare: Compare,
+    /// With `compare: float`: how far numbers may differ (absolute or relative).
     #[serde(default = "default_tolerance")]
     pub float_tolerance: f64,
     /// After the first test that is not accepted, the rest are `skipped`.
@@ -477,7 +503,7 @@ impl Evaluation {
 
 /// The limits one evaluation runs under. A request may lower each of them, never raise
 /// it above the server's maximum for its language.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct RunLimits {
     /// Memory (and memory + swap) of the whole process tree, in MiB.
     pub memory_mb: u64,
@@ -585,7 +611,7 @@ mod tests {
         let n = validate_submission(&json!({"code": "a"}), &rules()).expect("valid");
         assert_eq!(n.limits, max_limits("python"));
         let n = validate_submission(
-            &json!({"code": "a", "limits": {"memory_mb": 64, "cpu_ms": 500}}),
+            &json!({"code": "a", "limits": {"memory_mb": 64, "cpu_ms": 500.0, "max_processes": null}}),
             &rules(),
         )
         .expect("lowered");
@@ -673,6 +699,21 @@ mod tests {
             let e = validate_submission(&body, &rules()).expect_err(&body.to_string());
             assert_eq!(e.field, field, "{body}");
         }
+    }
+
+    #[test]
+    fn the_documented_whitespace_is_rusts() {
+        for c in (0..=0x10ffff).filter_map(char::from_u32) {
+            let listed = validate::WHITESPACE
+                .iter()
+                .any(|&(lo, hi)| (lo..=hi).contains(&(c as u32)));
+            assert_eq!(listed, c.is_whitespace(), "U+{:04X}", c as u32);
+        }
+        let p = code_pattern();
+        assert!(
+            p.starts_with("^[^\\u0000]*[^\\u0000\\u0009-\\u000d\\u0020"),
+            "{p}"
+        );
     }
 
     #[test]

@@ -3,7 +3,182 @@
 
 use super::*;
 use crate::error::{ApiError, Code};
-use serde_json::Value;
+use serde_json::{json, Value};
+use utoipa::ToSchema;
+
+// The OpenAPI document describes this type (its `///` lines are the document's text);
+// `validate_submission` checks it field by field (a 422 names the field), and
+// `document_submission` writes the bounds that depend on the configuration into the
+// document from the same `SubmitRules`. A new request field is a field here with its doc
+// line, plus its check in `validate_submission`.
+/// A submission: the body of `POST /api/eval`, each item of `POST /api/eval-batch`, the
+/// payload of the Redis `submit_evaluation` request. Other fields are ignored.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SubmitRequest {
+    /// Source code: at least one character that is not whitespace, no NUL character, at
+    /// most `limits.max_code_bytes` bytes (UTF-8).
+    pub code: String,
+    /// One of the languages this server runs (`GET /health`, `executor.languages`);
+    /// absent or `null`: `python`.
+    pub language: Option<String>,
+    /// Wall-clock timeout in seconds, above 0 and at most `limits.max_timeout_secs`;
+    /// absent or `null`: `limits.default_timeout_secs`.
+    pub timeout: Option<f64>,
+    /// Standard input of the program, at most `limits.max_stdin_bytes` bytes.
+    pub stdin: Option<String>,
+    /// Any JSON object (at most `limits.max_metadata_bytes` bytes serialized), stored and
+    /// returned as given.
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Value>,
+    /// Lower limits for this run; absent or `null`: the server's maximum for the language.
+    pub limits: Option<LimitsRequest>,
+    /// Source files placed beside the main file (`code` keeps its language's name):
+    /// at most `[judge] max_files`; their contents and `code` together at most
+    /// `limits.max_code_bytes` bytes.
+    pub files: Option<Vec<FileRequest>>,
+    /// Command-line arguments of the program, at most `[judge] max_args`.
+    pub args: Option<Vec<String>>,
+    /// Test cases, at most `[judge] max_tests`: the program is compiled once and run once
+    /// per test, each time in a fresh sandbox; their timeouts may add up to at most
+    /// `[judge] max_eval_secs` (above it: 422 `limit_too_high`, field `tests`).
+    pub tests: Option<Vec<TestRequest>>,
+    /// How each test's output is compared with its `expected_output`; absent or `null`:
+    /// `trimmed`.
+    pub compare: Option<Compare>,
+    /// With `compare: float`: how far numbers may differ, absolute or relative; absent
+    /// or `null`: 1e-6.
+    #[schema(minimum = 0.0, maximum = 1.0)]
+    pub float_tolerance: Option<f64>,
+    /// After the first test that is not accepted, skip the rest; absent or `null`: false.
+    pub stop_on_failure: Option<bool>,
+}
+
+/// A source file of a submission.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FileRequest {
+    /// A plain relative path: components of letters, digits, `.`, `_`, `-` and `+`, none
+    /// starting with `.`; not the main file's name; no two files alike.
+    #[schema(
+        pattern = "^[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,63}(/[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,63}){0,3}$"
+    )]
+    pub name: String,
+    /// The file's content (UTF-8, no NUL character).
+    #[schema(pattern = "^[^\\u0000]*$")]
+    pub content: String,
+}
+
+/// A test case of a submission.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TestRequest {
+    /// A name for it, at most 256 bytes.
+    #[schema(max_length = 256)]
+    pub name: Option<String>,
+    /// The program's standard input, at most `limits.max_stdin_bytes` bytes.
+    pub stdin: Option<String>,
+    /// The output expected (per `compare`), at most `limits.max_stdin_bytes` bytes;
+    /// absent or `null`: any output of a clean exit is accepted.
+    pub expected_output: Option<String>,
+    /// Wall-clock timeout of this test in seconds (as `timeout`); absent or `null`: the
+    /// evaluation's `timeout`.
+    pub timeout: Option<f64>,
+}
+
+/// The `limits` of a submission: each optional, a whole number from its minimum up to
+/// the server's maximum for the language (above it: 422 `limit_too_high`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsRequest {
+    /// Memory (and memory + swap) of the whole process tree, in MiB.
+    pub memory_mb: Option<u64>,
+    /// CPU time (user + system) of the whole process tree, in milliseconds.
+    pub cpu_ms: Option<u64>,
+    /// Processes and threads of the whole tree at once.
+    pub max_processes: Option<u64>,
+    /// Bytes of stdout and of stderr kept.
+    pub max_output_bytes: Option<u64>,
+}
+
+/// The characters `code` may not consist of only: Rust's `char::is_whitespace` (the
+/// Unicode White_Space property), as ranges, so that the document can spell them out:
+/// `\s` means different sets in different regex dialects (Python's `re` adds U+001C to
+/// U+001F, ECMA-262 adds U+FEFF).
+pub(crate) const WHITESPACE: [(u32, u32); 10] = [
+    (0x09, 0x0d),
+    (0x20, 0x20),
+    (0x85, 0x85),
+    (0xa0, 0xa0),
+    (0x1680, 0x1680),
+    (0x2000, 0x200a),
+    (0x2028, 0x2029),
+    (0x202f, 0x202f),
+    (0x205f, 0x205f),
+    (0x3000, 0x3000),
+];
+
+/// The pattern of `code`: no NUL, and at least one character that is not whitespace.
+pub fn code_pattern() -> String {
+    let mut class = String::from("\\u0000");
+    for (lo, hi) in WHITESPACE {
+        class.push_str(&format!("\\u{lo:04x}"));
+        if hi != lo {
+            class.push_str(&format!("-\\u{hi:04x}"));
+        }
+    }
+    format!("^[^\\u0000]*[^{class}][^\\u0000]*$")
+}
+
+/// Write the bounds [`validate_submission`] enforces with `rules` into the document's
+/// `SubmitRequest` and `LimitsRequest` schemas (`schemas` is `components.schemas`):
+/// lengths, the timeout range, the languages that can run now (`available`), the limits'
+/// minimums and maximums.
+pub fn document_submission(schemas: &mut Value, rules: &SubmitRules<'_>, available: &[String]) {
+    let req = &mut schemas["SubmitRequest"]["properties"];
+    req["code"]["minLength"] = json!(1);
+    req["code"]["maxLength"] = json!(rules.max_code_bytes);
+    req["code"]["pattern"] = json!(code_pattern());
+    req["stdin"]["maxLength"] = json!(rules.max_stdin_bytes);
+    let mut langs: Vec<Value> = available.iter().map(|l| json!(l)).collect();
+    langs.push(Value::Null);
+    req["language"]["enum"] = Value::Array(langs);
+    req["timeout"]["exclusiveMinimum"] = json!(0);
+    req["timeout"]["maximum"] = json!(rules.max_timeout);
+    req["files"]["maxItems"] = json!(rules.judge.max_files);
+    req["args"]["maxItems"] = json!(rules.judge.max_args);
+    req["args"]["items"]["maxLength"] = json!(4096);
+    req["args"]["items"]["pattern"] = json!("^[^\\u0000]*$");
+    req["tests"]["maxItems"] = json!(rules.judge.max_tests);
+    schemas["FileRequest"]["properties"]["content"]["maxLength"] = json!(rules.max_code_bytes);
+    let test = &mut schemas["TestRequest"]["properties"];
+    test["stdin"]["maxLength"] = json!(rules.max_stdin_bytes);
+    test["expected_output"]["maxLength"] = json!(rules.max_stdin_bytes);
+    test["timeout"]["exclusiveMinimum"] = json!(0);
+    test["timeout"]["maximum"] = json!(rules.max_timeout);
+    // The most any available language allows; a language with a lower maximum answers
+    // 422 limit_too_high above its own (its maximum is in GET /health).
+    let mut max: Option<RunLimits> = None;
+    for l in available {
+        let m = (rules.max_limits)(l);
+        max = Some(match max {
+            None => m,
+            Some(a) => RunLimits {
+                memory_mb: a.memory_mb.max(m.memory_mb),
+                cpu_ms: a.cpu_ms.max(m.cpu_ms),
+                max_processes: a.max_processes.max(m.max_processes),
+                max_output_bytes: a.max_output_bytes.max(m.max_output_bytes),
+            },
+        });
+    }
+    let limits = &mut schemas["LimitsRequest"]["properties"];
+    for name in RunLimits::NAMES {
+        limits[name]["minimum"] = json!(RunLimits::minimum(name));
+        if let Some(mut m) = max {
+            if let Some(v) = m.get_mut(name) {
+                limits[name]["maximum"] = json!(*v);
+            }
+        }
+    }
+}
 
 /// What validation needs to know.
 #[derive(Clone)]
@@ -454,7 +629,18 @@ fn validate_tests(
     Ok(out)
 }
 
-/// `limits`: each key optional, a whole number from its minimum up to `max`'s value.
+/// A JSON number that is a whole number from 0 to `u64::MAX`: `64` or `64.0` (JSON
+/// Schema's `integer` counts both), not `64.5` or `-1`.
+pub fn whole_number(v: &Value) -> Option<u64> {
+    v.as_u64().or_else(|| {
+        v.as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 18_446_744_073_709_551_616.0)
+            .map(|f| f as u64)
+    })
+}
+
+/// `limits`: each key optional (`null` counts as absent), a whole number from its minimum
+/// up to `max`'s value.
 fn validate_limits(v: Option<&Value>, max: RunLimits) -> Result<RunLimits, FieldError> {
     let obj = match v {
         None | Some(Value::Null) => return Ok(max),
@@ -474,8 +660,11 @@ fn validate_limits(v: Option<&Value>, max: RunLimits) -> Result<RunLimits, Field
                 ),
             ));
         };
+        if value.is_null() {
+            continue;
+        }
         let min = RunLimits::minimum(key);
-        let n = match value.as_u64() {
+        let n = match whole_number(value) {
             Some(n) if n >= min => n,
             _ => {
                 return Err(FieldError::new(

@@ -1,6 +1,15 @@
 //! Metric primitives (lock-free counters and histograms) and a writer for the
-//! Prometheus text exposition format. Each module keeps its own counters; the
-//! `/metrics` handler gathers them through [`Exposition`].
+//! Prometheus text exposition format 0.0.4. Each module keeps its own counters; the
+//! `/metrics` handler gathers them through [`Exposition`] (each subsystem writes its own
+//! rows through the [`crate::ops::report`] seam). `promtool check metrics` runs on a real
+//! answer in the integration tests.
+//!
+//! Written here rather than with a client library (issue 17): `prometheus-client` writes
+//! only OpenMetrics, which `promtool check metrics` and classic-format scrapers read as
+//! untyped `_total` families without help; the `prometheus` crate refuses to encode a
+//! family that has no samples yet (its HELP/TYPE would vanish until the first one) and
+//! needs each metric's name when it is created, where our subsystems name them when they
+//! report.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -85,10 +94,28 @@ pub struct Exposition {
     out: String,
 }
 
+/// A label value: backslash, double quote and newline escaped.
 fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+/// A HELP text: backslash and newline escaped (quotes stay).
+fn escape_help(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('\n', "\\n")
+}
+
+/// A sample value as the format spells it: `+Inf`, `-Inf`, `NaN` for the non-finite
+/// ones (Rust would write `inf`, which no parser reads).
+fn value(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".into()
+    } else if v.is_infinite() {
+        if v > 0.0 { "+Inf" } else { "-Inf" }.into()
+    } else {
+        v.to_string()
+    }
 }
 
 fn labels(names: &[&str], values: &[String]) -> String {
@@ -105,7 +132,7 @@ fn labels(names: &[&str], values: &[String]) -> String {
 
 impl Exposition {
     fn header(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.out, "# HELP {name} {help}");
+        let _ = writeln!(self.out, "# HELP {name} {}", escape_help(help));
         let _ = writeln!(self.out, "# TYPE {name} {kind}");
     }
 
@@ -118,7 +145,7 @@ impl Exposition {
     /// A gauge without labels.
     pub fn gauge(&mut self, name: &str, help: &str, v: f64) {
         self.header(name, "gauge", help);
-        let _ = writeln!(self.out, "{name} {v}");
+        let _ = writeln!(self.out, "{name} {}", value(v));
     }
 
     /// A 0/1 gauge.
@@ -137,7 +164,12 @@ impl Exposition {
     ) {
         self.header(name, kind, help);
         for (vals, v) in rows {
-            let _ = writeln!(self.out, "{name}{} {v}", labels(label_names, vals));
+            let _ = writeln!(
+                self.out,
+                "{name}{} {}",
+                labels(label_names, vals),
+                value(*v)
+            );
         }
     }
 
@@ -203,6 +235,25 @@ mod tests {
         assert!(t.contains("x_bucket{le=\"2\"} 2"), "{t}");
         assert!(t.contains("x_bucket{le=\"+Inf\"} 3"), "{t}");
         assert!(t.contains("x_count 3"), "{t}");
+    }
+
+    #[test]
+    fn help_and_non_finite_values_are_spelled_as_the_format_says() {
+        let mut e = Exposition::default();
+        e.gauge("g", "a \\ b\nc \"q\"", f64::INFINITY);
+        e.gauge("n", "h", f64::NAN);
+        e.family(
+            "f",
+            "gauge",
+            "h",
+            &["k"],
+            &[(vec!["v".into()], f64::NEG_INFINITY)],
+        );
+        let t = e.finish();
+        assert!(t.contains("# HELP g a \\\\ b\\nc \"q\"\n"), "{t}");
+        assert!(t.contains("\ng +Inf\n"), "{t}");
+        assert!(t.contains("\nn NaN\n"), "{t}");
+        assert!(t.contains("f{k=\"v\"} -Inf"), "{t}");
     }
 
     #[test]

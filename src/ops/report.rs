@@ -107,6 +107,42 @@ impl Probe {
     }
 }
 
+/// A subsystem's state in `/health`'s `services` map, derived from its [`Health`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceState {
+    /// Working.
+    Healthy,
+    /// Working partly.
+    Degraded,
+    /// Cannot do its job.
+    Unhealthy,
+    /// Not configured (its entry is `null`).
+    Disabled,
+}
+
+impl ServiceState {
+    fn of(h: &Health) -> ServiceState {
+        match (h.level, h.detail.is_null()) {
+            (Level::Ok, true) => ServiceState::Disabled,
+            (Level::Ok, false) => ServiceState::Healthy,
+            (Level::Degraded, _) => ServiceState::Degraded,
+            (Level::Unhealthy, _) => ServiceState::Unhealthy,
+        }
+    }
+}
+
+/// Every subsystem's health at one moment.
+#[derive(Debug, Clone)]
+pub struct HealthReport {
+    /// The worst level among them.
+    pub level: Level,
+    /// Each subsystem's entry by its key, in registration order.
+    pub entries: Map<String, Value>,
+    /// Each subsystem's state by its key, in the same order.
+    pub services: Map<String, Value>,
+}
+
 /// A subsystem that is not configured: `null` in `/health`, no metrics. Keeps the shape
 /// of `/health` the same whether or not an optional subsystem (Redis, PostgreSQL) is on.
 pub struct NotConfigured(pub &'static str);
@@ -135,16 +171,21 @@ impl Reporters {
         self.list.push(r);
     }
 
-    /// Every entry, and the worst level among them.
-    pub async fn health(&self) -> (Level, Map<String, Value>) {
-        let mut worst = Level::Ok;
-        let mut map = Map::new();
+    /// Every entry, each one's state, and the worst level among them.
+    pub async fn health(&self) -> HealthReport {
+        let mut report = HealthReport {
+            level: Level::Ok,
+            entries: Map::new(),
+            services: Map::new(),
+        };
         for r in &self.list {
             let h = r.health().await;
-            worst = worst.max(h.level);
-            map.insert(r.key().to_string(), h.detail);
+            report.level = report.level.max(h.level);
+            let state = serde_json::to_value(ServiceState::of(&h)).unwrap_or(Value::Null);
+            report.services.insert(r.key().to_string(), state);
+            report.entries.insert(r.key().to_string(), h.detail);
         }
-        (worst, map)
+        report
     }
 
     /// Every reporter's metric rows.

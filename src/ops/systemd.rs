@@ -1,6 +1,10 @@
 //! systemd integration without a library: `sd_notify` over the `$NOTIFY_SOCKET` datagram
 //! socket (READY=1, STATUS=, WATCHDOG=1, STOPPING=1) and the watchdog interval from
 //! `$WATCHDOG_USEC`. Outside systemd every call is a no-op.
+//!
+//! Kept by hand rather than the `sd-notify` crate: its 0.5 connects `$NOTIFY_SOCKET` as a
+//! filesystem path, so the abstract sockets (`@...`) that systemd hands to services of
+//! user managers and containers are never reached; this reaches both (tested below).
 
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::time::Duration;
@@ -52,5 +56,18 @@ mod tests {
         let n = server.recv(&mut buf).expect("recv");
         assert_eq!(&buf[..n], b"READY=1\nSTATUS=ok");
         assert!(!notify("READY=1"), "no socket, no notification");
+
+        // An abstract socket (`@name`), as systemd gives services of user managers and
+        // containers. In the same test: both change the process's environment.
+        use std::os::linux::net::SocketAddrExt;
+        let name = format!("crucible-test-{}", std::process::id());
+        let addr = SocketAddr::from_abstract_name(name.as_bytes()).expect("abstract name");
+        let server = UnixDatagram::bind_addr(&addr).expect("bind");
+        std::env::set_var("NOTIFY_SOCKET", format!("@{name}"));
+        let sent = notify("WATCHDOG=1");
+        std::env::remove_var("NOTIFY_SOCKET");
+        assert!(sent);
+        let n = server.recv(&mut buf).expect("recv");
+        assert_eq!(&buf[..n], b"WATCHDOG=1");
     }
 }

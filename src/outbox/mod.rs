@@ -77,17 +77,27 @@ pub struct SinkStatus {
 }
 
 /// A point-in-time report of one sink.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct SinkReport {
+    /// `file`, `redis` or `postgres`.
     pub name: String,
+    /// Delivering (no outage right now).
     pub ok: bool,
+    /// Last seq delivered.
     pub cursor: u64,
+    /// The log's durable head.
     pub head: u64,
+    /// Events not yet delivered (`head - cursor`).
     pub backlog: u64,
+    /// Age of the oldest undelivered event, in seconds.
     pub oldest_undelivered_age_secs: Option<f64>,
+    /// Events delivered since start.
     pub delivered: u64,
+    /// Failed delivery attempts since start.
     pub retries: u64,
+    /// Events parked as dead letters.
     pub dead_letters: u64,
+    /// The last delivery error.
     pub last_error: Option<String>,
 }
 

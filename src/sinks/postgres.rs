@@ -288,8 +288,14 @@ impl Report for Postgres {
             if self.probe.checked() && !self.probe.is_up() {
                 self.probe.record("postgres", self.check().await);
             }
+            // Down: working partly (events wait in the outbox until it is back).
+            let connected = if self.connected.load(Ordering::SeqCst) {
+                crate::ops::report::Level::Ok
+            } else {
+                crate::ops::report::Level::Degraded
+            };
             Health::new(
-                self.probe.level(),
+                self.probe.level().max(connected),
                 json!({
                     "connected": self.connected.load(Ordering::SeqCst) && self.probe.is_up(),
                     "reachable": self.probe.is_up(),

@@ -4,14 +4,20 @@
 //! group. A batch goes out as one pipeline; the relay moves the cursor only after Redis
 //! answered every command. Redis errors are outages (retried with backoff), never poison:
 //! no single event makes PUBLISH or XADD fail. The API never waits for Redis.
+//!
+//! With `payload = "seed"` the PUBLISHed messages take the seed platform's flat shape
+//! ([`seed_message`]) and `evaluation:started` is also published on `evaluation:running`,
+//! so the seed's own consumers work unchanged; the stream keeps the envelope.
 
-use crate::events::Event;
+use crate::config::RedisPayload;
+use crate::events::{Event, EventType};
 use crate::outbox::{Sink, SinkError};
 use crate::redis::Redis;
 use crate::BoxFuture;
 use fred::prelude::{
     ClientLike, Error as FredError, PubsubInterface, StreamsInterface, Value as FredValue,
 };
+use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,8 +60,18 @@ impl Sink for RedisSink {
                 // One shared buffer for the PUBLISH payload and the stream field.
                 let body = FredValue::String(e.to_json().into_owned().into());
                 if r.cfg.publish {
+                    let message = match r.cfg.payload {
+                        RedisPayload::Envelope => body.clone(),
+                        RedisPayload::Seed => FredValue::String(seed_message(e).into()),
+                    };
+                    if e.kind == EventType::Started && r.cfg.payload == RedisPayload::Seed {
+                        let _: () = p
+                            .publish(SEED_RUNNING, message.clone())
+                            .await
+                            .map_err(unavailable)?;
+                    }
                     let _: () = p
-                        .publish(e.kind.as_str(), body.clone())
+                        .publish(e.kind.as_str(), message)
                         .await
                         .map_err(unavailable)?;
                 }
@@ -76,5 +92,91 @@ impl Sink for RedisSink {
             }
             Ok(())
         })
+    }
+}
+
+/// The seed platform's channel for "execution began" (ours is `evaluation:started`).
+pub const SEED_RUNNING: &str = "evaluation:running";
+
+/// The seed platform's flat message for `e`: every field of the record at the top level
+/// (`eval_id`, `status`, `code`, `language`, `output`, `error`, `exit_code`, `success`,
+/// `metadata`, ...), plus what the seed's consumers read that the record names
+/// differently: `executor_id` (this node; the seed's storage worker needs it on
+/// `evaluation:running`), `container_id`, and `result` {`output`, `error`, `exit_code`,
+/// `metadata`} (its older storage worker). `error` is `""` and `metadata` `{}` when
+/// empty, as the seed sent them. The event's `type`, `event_id`, `seq` and `timestamp`
+/// are kept, so a consumer can still dedupe and order.
+pub fn seed_message(e: &Event) -> String {
+    let mut m = match serde_json::to_value(&e.data) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    let error = json!(e.data.error.clone().unwrap_or_default());
+    let metadata = e.data.metadata.clone().unwrap_or_else(|| json!({}));
+    m.insert("error".into(), error.clone());
+    m.insert("metadata".into(), metadata.clone());
+    m.insert("type".into(), json!(e.kind.as_str()));
+    m.insert("event_id".into(), json!(e.event_id));
+    m.insert("seq".into(), json!(e.seq));
+    m.insert("timestamp".into(), json!(e.timestamp));
+    m.insert("executor_id".into(), json!(e.node));
+    m.insert("container_id".into(), serde_json::Value::Null);
+    m.insert(
+        "result".into(),
+        json!({
+            "output": e.data.output,
+            "error": error,
+            "exit_code": e.data.exit_code,
+            "metadata": metadata,
+        }),
+    );
+    serde_json::Value::Object(m).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Evaluation, Status};
+
+    #[test]
+    fn seed_messages_are_flat() {
+        let rec: Evaluation = serde_json::from_value(json!({
+            "eval_id": "e1", "status": "completed", "language": "python", "code": "print(1)",
+            "stdin": null, "timeout": 5.0, "created_at": "t0", "started_at": "t1",
+            "completed_at": "t2", "runtime_ms": 3, "exit_code": 0, "success": true,
+            "output": "1\n", "stderr": "", "error": null, "output_truncated": false,
+            "failure_reason": null, "metadata": null, "version": 3, "node": "n1",
+            "created_seq": 1
+        }))
+        .expect("record");
+        assert_eq!(rec.status, Status::Completed);
+        let e = Event {
+            event_id: "ev3".into(),
+            seq: 3,
+            kind: EventType::Completed,
+            eval_id: "e1".into(),
+            version: 3,
+            timestamp: "t2".into(),
+            node: "n1".into(),
+            data: rec,
+            raw: None,
+        };
+        let m: serde_json::Value = serde_json::from_str(&seed_message(&e)).expect("json");
+        for (k, v) in [
+            ("eval_id", json!("e1")),
+            ("status", json!("completed")),
+            ("code", json!("print(1)")),
+            ("output", json!("1\n")),
+            ("error", json!("")),
+            ("exit_code", json!(0)),
+            ("metadata", json!({})),
+            ("executor_id", json!("n1")),
+            ("type", json!("evaluation:completed")),
+            ("event_id", json!("ev3")),
+        ] {
+            assert_eq!(m[k], v, "{k}: {m}");
+        }
+        assert_eq!(m["result"]["output"], "1\n");
+        assert!(m.get("data").is_none(), "no envelope: {m}");
     }
 }

@@ -148,19 +148,29 @@ pub struct Submitted {
     /// `true` when an idempotency key matched an existing evaluation.
     #[serde(skip)]
     pub existing: bool,
+    /// Its place in the queue when it was accepted (1: the next to start); `None` for an
+    /// idempotent repeat.
+    #[serde(skip)]
+    pub queue_position: Option<u64>,
 }
 
 /// A poison event parked for a sink.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeadLetter {
+    /// The sink that refused it.
     pub sink: String,
     pub seq: u64,
     pub event_id: String,
     pub eval_id: String,
     #[serde(rename = "type")]
+    #[schema(value_type = crate::events::EventType)]
     pub kind: String,
+    /// Why the sink refused it.
     pub error: String,
+    /// Delivery attempts before it was parked.
     pub attempts: u32,
+    /// When it was parked (RFC 3339, UTC).
+    #[schema(format = DateTime)]
     pub dead_at: String,
     pub event: Event,
 }
@@ -274,12 +284,19 @@ pub(crate) enum Op {
 }
 
 /// What `backup` wrote.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct BackupInfo {
+    /// The directory written (usable as `--data-dir`).
+    #[schema(value_type = String)]
     pub path: PathBuf,
+    /// The log's head in the copy.
     pub head_seq: u64,
+    /// Bytes written.
     pub bytes: u64,
+    /// The node the copy belongs to.
     pub node: String,
+    /// When it was written (RFC 3339, UTC).
+    #[schema(format = DateTime)]
     pub created_at: String,
 }
 
@@ -301,6 +318,8 @@ pub struct Shared {
     pub evaluations: AtomicU64,
     /// Evaluations removed by retention.
     pub evaluations_pruned: AtomicU64,
+    /// Evaluations in each status, indexed by [`Status::index`].
+    pub by_status: [AtomicU64; 5],
     pub healthy: AtomicBool,
     pub last_error: Mutex<Option<String>>,
     pub stats: WriterStats,
@@ -422,6 +441,9 @@ impl Store {
         shared
             .evaluations
             .store(counts.evaluations, Ordering::SeqCst);
+        for (slot, n) in shared.by_status.iter().zip(counts.by_status) {
+            slot.store(n, Ordering::SeqCst);
+        }
         shared.healthy.store(true, Ordering::SeqCst);
         shared.free_bytes.store(
             space::free_bytes(&opts.path).unwrap_or(u64::MAX),
@@ -714,8 +736,9 @@ impl Store {
     }
 
     /// Newest first: at most `limit` records and about [`READ_BUDGET`] bytes, continuing
-    /// after the evaluation `after` (the last one of the previous page). Returns the page
-    /// and the cursor for the next one (`None` on the last page).
+    /// after the evaluation `after` (the last one of the previous page), and after
+    /// skipping `skip` more. Returns the page and the cursor for the next one (`None` on
+    /// the last page).
     ///
     /// Without a status filter the record keys themselves are scanned: eval_ids are
     /// UUIDv7, assigned in order by the single writer, so key order is creation order and
@@ -727,6 +750,7 @@ impl Store {
         status: Option<Status>,
         limit: usize,
         after: Option<&str>,
+        skip: usize,
     ) -> Result<(Vec<Evaluation>, Option<String>), StoreError> {
         let tree = self.tree()?;
         let mut out: Vec<Evaluation> = Vec::with_capacity(limit.min(256));
@@ -753,7 +777,8 @@ impl Store {
                         k
                     }
                 };
-                for item in tree.range(keys::EVAL.to_vec()..hi).rev() {
+                // Skipped entries are stepped over without being read back or decoded.
+                for item in tree.range(keys::EVAL.to_vec()..hi).rev().skip(skip) {
                     let (_, raw) = item?;
                     if !take(&raw, &mut out)? {
                         more = true;
@@ -771,7 +796,7 @@ impl Store {
                 };
                 let lo = keys::status(st.code(), 0);
                 let hi = keys::status(st.code(), below);
-                for item in tree.range(lo..hi).rev() {
+                for item in tree.range(lo..hi).rev().skip(skip) {
                     let (_, id) = item?;
                     let Some(raw) = tree.get(keys::eval(&String::from_utf8_lossy(&id)))? else {
                         continue;
@@ -902,6 +927,19 @@ impl Store {
         self.shared.queue_depth.load(Ordering::SeqCst)
     }
 
+    /// Evaluations in `status` (all of them for `None`), as of the last flush.
+    pub fn count(&self, status: Option<Status>) -> u64 {
+        match status {
+            Some(s) => self.shared.by_status[s.index()].load(Ordering::SeqCst),
+            None => self
+                .shared
+                .by_status
+                .iter()
+                .map(|c| c.load(Ordering::SeqCst))
+                .sum(),
+        }
+    }
+
     /// Evaluations in `running`.
     pub fn running_count(&self) -> u64 {
         self.shared.running.load(Ordering::SeqCst)
@@ -1005,6 +1043,8 @@ struct Counts {
     queued: u64,
     running: u64,
     evaluations: u64,
+    /// Evaluations in each status, indexed by [`Status::index`].
+    by_status: [u64; 5],
 }
 
 /// Recompute [`Counts`] from the tree (at open, and after a failed batch). The head is
@@ -1019,11 +1059,13 @@ fn recount(tree: &sled::Tree) -> Result<Counts, StoreError> {
         head = head.max(keys::tail_u64(&k).unwrap_or(0));
     }
     let count = |s: Status| tree.scan_prefix(keys::status_prefix(s.code())).count() as u64;
+    let by_status = Status::ALL.map(count);
     Ok(Counts {
         head,
-        queued: count(Status::Queued),
-        running: count(Status::Running),
-        evaluations: tree.scan_prefix(keys::STATUS).count() as u64,
+        queued: by_status[Status::Queued.index()],
+        running: by_status[Status::Running.index()],
+        evaluations: by_status.iter().sum(),
+        by_status,
     })
 }
 

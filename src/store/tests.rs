@@ -302,7 +302,7 @@ async fn list_merges_statuses_newest_first_with_cursors() {
     let mut all = Vec::new();
     let mut after: Option<String> = None;
     loop {
-        let (page, next) = s.list(None, 3, after.as_deref()).await.expect("list");
+        let (page, next) = s.list(None, 3, after.as_deref(), 0).await.expect("list");
         all.extend(page.into_iter().map(|r| r.eval_id));
         match next {
             Some(n) => after = Some(n),
@@ -312,7 +312,10 @@ async fn list_merges_statuses_newest_first_with_cursors() {
     let mut want = ids.clone();
     want.reverse();
     assert_eq!(all, want);
-    let (q, _) = s.list(Some(Status::Queued), 10, None).await.expect("list");
+    let (q, _) = s
+        .list(Some(Status::Queued), 10, None, 0)
+        .await
+        .expect("list");
     let q: Vec<String> = q.into_iter().map(|r| r.eval_id).collect();
     assert_eq!(
         q,
@@ -323,6 +326,30 @@ async fn list_merges_statuses_newest_first_with_cursors() {
             ids[0].clone()
         ]
     );
+
+    // Offsets step over entries; counts follow every transition.
+    let (p, next) = s.list(None, 2, None, 5).await.expect("offset");
+    let p: Vec<String> = p.into_iter().map(|r| r.eval_id).collect();
+    assert_eq!((p, next), (vec![ids[1].clone(), ids[0].clone()], None));
+    let (p, _) = s
+        .list(Some(Status::Queued), 10, None, 3)
+        .await
+        .expect("offset");
+    assert_eq!(p.len(), 1);
+    let (p, _) = s.list(None, 10, None, 100).await.expect("past the end");
+    assert!(p.is_empty());
+    let counts: Vec<u64> = Status::ALL.iter().map(|st| s.count(Some(*st))).collect();
+    assert_eq!(
+        counts,
+        vec![4, 1, 1, 0, 1],
+        "queued running completed failed cancelled"
+    );
+    assert_eq!(s.count(None), 7);
+    s.close().await;
+    drop(s);
+    let s = reopen(dir.path()).await;
+    let again: Vec<u64> = Status::ALL.iter().map(|st| s.count(Some(*st))).collect();
+    assert_eq!(again, counts, "recounted at open");
 }
 
 #[tokio::test]

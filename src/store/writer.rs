@@ -89,6 +89,8 @@ struct Pending<'a> {
     /// Evaluations stored, and how many this batch removed.
     evaluations: u64,
     evaluations_pruned: u64,
+    /// Evaluations in each status, indexed by `Status::index`.
+    by_status: [u64; 5],
     pruned_upto: u64,
     events: u64,
     /// Bytes of keys and values in the batch (to check there is room for it).
@@ -191,6 +193,11 @@ impl Writer {
             running: self.shared.running.load(Ordering::SeqCst),
             evaluations: self.shared.evaluations.load(Ordering::SeqCst),
             evaluations_pruned: 0,
+            by_status: self
+                .shared
+                .by_status
+                .each_ref()
+                .map(|c| c.load(Ordering::SeqCst)),
             pruned_upto: 0,
             events: 0,
             bytes: 0,
@@ -208,7 +215,7 @@ impl Writer {
         if new_seq != self.last_seq {
             p.batch.insert(keys::META_HEAD, &new_seq.to_be_bytes());
         }
-        let (depth, running, events) = (p.depth, p.running, p.events);
+        let (depth, running, by_status, events) = (p.depth, p.running, p.by_status, p.events);
         let (evaluations, evaluations_pruned) = (p.evaluations, p.evaluations_pruned);
         let batch = p.batch;
         // sled must never meet a full disk: after a failed write it keeps the error
@@ -252,6 +259,9 @@ impl Writer {
                 self.shared
                     .evaluations_pruned
                     .fetch_add(evaluations_pruned, Ordering::Relaxed);
+                for (slot, n) in self.shared.by_status.iter().zip(by_status) {
+                    slot.store(n, Ordering::SeqCst);
+                }
                 self.shared.head.store(new_seq, Ordering::SeqCst);
                 self.shared.healthy.store(true, Ordering::SeqCst);
                 stats.events.fetch_add(events, Ordering::Relaxed);
@@ -495,6 +505,9 @@ impl Writer {
                 self.shared
                     .evaluations
                     .store(c.evaluations, Ordering::SeqCst);
+                for (slot, n) in self.shared.by_status.iter().zip(c.by_status) {
+                    slot.store(n, Ordering::SeqCst);
+                }
             }
             Err(e) => tracing::error!(error = %e, "cannot recount the store"),
         }
@@ -603,10 +616,14 @@ impl Pending<'_> {
         if rec.status.is_terminal() && prev.is_some_and(|p| !p.is_terminal()) {
             self.batch.insert(keys::terminal(seq, &rec.eval_id), &[]);
         }
-        if let Some(old) = prev {
-            if old != rec.status {
+        match prev {
+            None => self.by_status[rec.status.index()] += 1,
+            Some(old) if old != rec.status => {
                 self.batch.remove(keys::status(old.code(), rec.created_seq));
+                self.by_status[old.index()] = self.by_status[old.index()].saturating_sub(1);
+                self.by_status[rec.status.index()] += 1;
             }
+            Some(_) => {}
         }
         self.batch.insert(
             keys::status(rec.status.code(), rec.created_seq),
@@ -674,6 +691,7 @@ impl Pending<'_> {
                         eval_id: id,
                         status: rec.status,
                         existing: true,
+                        queue_position: None,
                     }]);
                 }
             }
@@ -708,6 +726,8 @@ impl Pending<'_> {
                 eval_id: id,
                 status: Status::Queued,
                 existing: false,
+                // The queue is FIFO by creation and this one is its newest entry.
+                queue_position: Some(self.depth),
             });
         }
         if let (Some(k), Some(first)) = (idem_key, out.first()) {
@@ -932,6 +952,8 @@ impl Pending<'_> {
             }
             self.evals.remove(&id);
             self.evaluations = self.evaluations.saturating_sub(1);
+            let i = rec.status.index();
+            self.by_status[i] = self.by_status[i].saturating_sub(1);
             self.evaluations_pruned += 1;
             self.bytes += 64;
             removed += 1;

@@ -348,15 +348,22 @@ async fn health_metrics_and_openapi() {
         assert!(text.contains(name), "metrics lack {name}:\n{text}");
     }
 
-    // Every documented operation exists, and every route is documented.
+    // Every documented operation exists and answers only documented statuses, and every
+    // route is documented. (The unit tests compare the route table with the document;
+    // tests/schemathesis.sh fuzzes every operation against it.)
     let doc = s.get("/api/openapi.json").await;
     assert_eq!(doc.status, 200);
     let doc = doc.json().expect("openapi json");
     assert!(doc["openapi"].as_str().unwrap_or("").starts_with("3."));
+    assert_eq!(
+        doc["servers"],
+        json!([{ "url": format!("http://{}", s.addr) }]),
+        "servers names the address that served the document"
+    );
     let paths = doc["paths"].as_object().expect("paths");
     let mut documented = HashSet::new();
     for (path, ops) in paths {
-        for method in ops.as_object().expect("ops").keys() {
+        for (method, op) in ops.as_object().expect("ops") {
             documented.insert(format!("{} {path}", method.to_uppercase()));
             let concrete = path
                 .replace("{id}", "00000000-0000-0000-0000-000000000000")
@@ -380,6 +387,12 @@ async fn health_metrics_and_openapi() {
                 msg,
                 Some(json!("route not found")),
                 "documented {method} {path} is not routed"
+            );
+            assert!(
+                op["responses"].get(r.status.to_string()).is_some(),
+                "{method} {path} answered {} which its document does not list: {}",
+                r.status,
+                r.text()
             );
         }
     }

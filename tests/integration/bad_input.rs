@@ -251,6 +251,16 @@ async fn bad_batches_are_rejected_whole() {
     for (body, code, field) in &cases {
         expect_post(c, "/api/eval-batch", body, &[], (422, code, Some(field))).await;
     }
+    // The admin bodies are objects too.
+    for (path, body) in [
+        ("/api/admin/backup", json!(["/tmp/x"])),
+        ("/api/admin/sinks/file/replay", json!(5)),
+    ] {
+        expect_post(c, path, &body, &[], (422, INVALID, Some("body"))).await;
+    }
+    let zero = json!({ "from_seq": 0 });
+    let want = (422, INVALID, Some("from_seq"));
+    expect_post(c, "/api/admin/sinks/file/replay", &zero, &[], want).await;
     let b = Some((
         "application/json",
         Bytes::from_static(b"{\"evaluations\":["),
@@ -324,20 +334,86 @@ async fn bad_query_parameters_and_last_event_id() {
         ("cursor=abc", "cursor"),
         ("cursor=-1", "cursor"),
         ("status=queued&limit=10&cursor=x", "cursor"),
+        // A parameter that is given must have a value: empty is not "all".
+        ("status=", "status"),
+        ("limit=", "limit"),
+        ("cursor=", "cursor"),
+        ("cursor=0193A0B4-7D2E-7C4A-9F00-000000000000", "cursor"),
     ] {
         let path = format!("/api/evaluations?{query}");
         expect_get(c, &path, (422, INVALID, Some(field))).await;
     }
+    // A well-formed cursor that names no evaluation.
+    let path = format!("/api/evaluations?cursor={ID}");
+    expect_get(c, &path, (404, "not_found", Some("cursor"))).await;
+    expect_get(
+        c,
+        "/api/admin/dead-letters?sink=",
+        (422, INVALID, Some("sink")),
+    )
+    .await;
 
     // A valid Last-Event-ID would open an endless stream: an invalid one must be answered
     // (and a stream would turn into a deadline failure in `expect`).
     let want = (422, INVALID, Some("Last-Event-ID"));
-    for id in ["abc", "-1", "1.5", "0x10"] {
+    for id in ["abc", "-1", "-5", "1.5", "0x10", "+5", ""] {
         let h = [("last-event-id", id)];
         expect(c, Method::GET, "/api/events", None, &h, want).await;
     }
     expect_get(c, "/api/events?last_event_id=abc", want).await;
+    expect_get(c, "/api/events?last_event_id=", want).await;
+    // Both are checked when both are given (the header wins when both are valid).
+    let h = [("last-event-id", "0")];
+    expect(
+        c,
+        Method::GET,
+        "/api/events?last_event_id=-1",
+        None,
+        &h,
+        want,
+    )
+    .await;
+    expect_get(c, "/api/events?eval_id=", (422, INVALID, Some("eval_id"))).await;
 
+    assert_unchanged(&s, head).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_or_repeated_query_parameters_are_named() {
+    let s = Server::start("").await;
+    let c = &s.client;
+    let head = head_seq(&s).await;
+    // Every route: a parameter it does not declare is refused, never ignored (a misspelt
+    // `ofset` would otherwise silently repeat page 1).
+    let gets = [
+        "/api/evaluations?ofset=20",
+        "/api/evaluations?limit=5&Limit=5",
+        "/api/events?evalid=x",
+        "/api/admin/dead-letters?snk=redis",
+        "/api/admin/sinks?verbose=1",
+        "/health?full=1",
+        "/metrics?name=x",
+        "/api/openapi.json?format=yaml",
+    ];
+    for path in gets {
+        let field = path
+            .rsplit_once('&')
+            .map(|(_, p)| p)
+            .or_else(|| path.split_once('?').map(|(_, q)| q))
+            .and_then(|p| p.split_once('='))
+            .map(|(k, _)| k)
+            .unwrap_or("");
+        expect_get(c, path, (422, INVALID, Some(field))).await;
+    }
+    expect_get(c, &format!("/api/eval/{ID}?x=1"), (422, INVALID, Some("x"))).await;
+    let twice = (422, INVALID, Some("limit"));
+    expect_get(c, "/api/evaluations?limit=5&limit=6", twice).await;
+    let valid = json!({ "code": OK });
+    let want = (422, INVALID, Some("priority"));
+    expect_post(c, "/api/eval?priority=1", &valid, &[], want).await;
+    // Static UI assets ignore query strings (browsers and caches add their own).
+    let r = c.get("/ui/app.js?v=3").await.expect("asset");
+    assert_eq!(r.status, 200);
     assert_unchanged(&s, head).await;
 }
 

@@ -18,4 +18,5 @@ mod ops;
 mod postgres;
 mod redis_rr;
 mod redis_sink;
+mod seed;
 mod ui;

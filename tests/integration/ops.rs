@@ -1,4 +1,5 @@
-//! Operations: systemd notifications and watchdog, structured log fields, live backups.
+//! Operations: systemd notifications and watchdog, structured log fields, live backups,
+//! the Prometheus exposition checked by promtool.
 
 use crate::common::{Server, DEADLINE};
 use serde_json::{json, Value};
@@ -260,4 +261,58 @@ async fn sighup_reloads_the_token_and_refuses_a_broken_file() {
     );
     assert_eq!(s.get("/health").await.status, 200);
     assert!(s.terminate().success());
+}
+
+/// `promtool check metrics` (Debian's `prometheus` package) on a real `/metrics` answer
+/// with every subsystem reporting: sinks (file and Redis), finished and failed
+/// evaluations, HTTP errors, the request/reply responder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool() {
+    let redis = crate::common::RedisServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events = dir.path().join("events.jsonl");
+    let s = Server::start_with(
+        &format!("[sinks.file]\npath = {:?}", events.display().to_string()),
+        &[("REDIS_URL", &redis.url())],
+    )
+    .await;
+    s.run_py("print('ok')", 30.0).await;
+    s.run_py("raise SystemExit(3)", 30.0).await;
+    assert_eq!(s.get("/api/nope").await.status, 404);
+    s.wait_sink_caught_up("file").await;
+    s.wait_sink_caught_up("redis").await;
+    let m = s.get("/metrics").await;
+    assert_eq!(m.status, 200);
+    let text = m.text();
+    for name in [
+        "crucible_outbox_cursor{sink=\"redis\"}",
+        "crucible_redis_connected 1",
+        "crucible_http_requests_total{route=\"other\",code=\"404\"} 1",
+        "crucible_evaluations_finished_total{status=\"failed\",failure_reason=\"nonzero_exit\"} 1",
+    ] {
+        assert!(text.contains(name), "metrics lack {name}:\n{text}");
+    }
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package `prometheus`; tests/run.sh installs it)");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(text.as_bytes()).expect("write metrics");
+    }
+    let out = child.wait_with_output().expect("promtool");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool check metrics: {}\n{said}\n--- /metrics:\n{text}",
+        out.status
+    );
 }

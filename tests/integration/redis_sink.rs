@@ -249,6 +249,77 @@ async fn health_until(s: &Server, f: impl Fn(&Value) -> bool) -> (Duration, Valu
     }
 }
 
+/// A consumer written the way the seed platform's storage worker is: it subscribes to
+/// `evaluation:queued`, `evaluation:running`, `evaluation:completed` and
+/// `evaluation:failed`, reads flat fields from each message (`eval_id`, `code`,
+/// `language`, `metadata`, `executor_id`, `output`, `error`, ...), skips a message whose
+/// required fields are missing, and keeps one row per evaluation.
+#[derive(Debug, Default)]
+struct SeedStorage {
+    rows: HashMap<String, Value>,
+    skipped: Vec<String>,
+    by_channel: HashMap<String, usize>,
+}
+
+impl SeedStorage {
+    fn handle(&mut self, channel: &str, data: &Value) {
+        *self.by_channel.entry(channel.to_string()).or_default() += 1;
+        let text = |k: &str| {
+            data.get(k)
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string()
+        };
+        let eval_id = text("eval_id");
+        match channel {
+            "evaluation:queued" => {
+                if eval_id.is_empty() || text("code").is_empty() {
+                    self.skipped.push(format!("{channel}: {data}"));
+                    return;
+                }
+                let language = data.get("language").cloned().unwrap_or(json!("python"));
+                let metadata = data.get("metadata").cloned().unwrap_or(json!({}));
+                self.rows.insert(
+                    eval_id.clone(),
+                    json!({"id": eval_id, "code": text("code"), "language": language,
+                           "status": "queued", "metadata": metadata}),
+                );
+            }
+            "evaluation:running" => {
+                if eval_id.is_empty() || text("executor_id").is_empty() {
+                    self.skipped.push(format!("{channel}: {data}"));
+                    return;
+                }
+                if let Some(row) = self.rows.get_mut(&eval_id) {
+                    row["status"] = json!("running");
+                }
+            }
+            "evaluation:completed" | "evaluation:failed" => {
+                if eval_id.is_empty() {
+                    self.skipped.push(format!("{channel}: {data}"));
+                    return;
+                }
+                let Some(row) = self.rows.get_mut(&eval_id) else {
+                    self.skipped
+                        .push(format!("{channel} before queued: {data}"));
+                    return;
+                };
+                if channel == "evaluation:completed" {
+                    row["status"] = json!("completed");
+                    row["output"] = data.get("output").cloned().unwrap_or(json!(""));
+                    row["error"] = data.get("error").cloned().unwrap_or(json!(""));
+                    row["metadata"] = data.get("metadata").cloned().unwrap_or(json!({}));
+                } else {
+                    row["status"] = json!("failed");
+                    row["error"] = data.get("error").cloned().unwrap_or(json!("Unknown error"));
+                }
+                row["exit_code"] = data.get("exit_code").cloned().unwrap_or(Value::Null);
+            }
+            _ => {}
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_of_redis_or_postgres_shows_in_health_at_once() {
     let mut redis = RedisServer::start();
@@ -295,4 +366,89 @@ async fn an_outage_of_redis_or_postgres_shows_in_health_at_once() {
     let (_, h) = health_until(&s, |h| h["postgres"]["reachable"] == true).await;
     let _ = h;
     health_until(&s, |h| h["status"] == "ok").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_style_consumer_stores_complete_records_from_seed_payloads() {
+    let redis = RedisServer::start();
+    let sub = {
+        let cfg = fred::prelude::Config::from_url(&redis.url()).expect("url");
+        let c = fred::prelude::Builder::from_config(cfg)
+            .build_subscriber_client()
+            .expect("subscriber");
+        c.init().await.expect("connect");
+        c
+    };
+    let mut rx = sub.message_rx();
+    sub.subscribe(vec![
+        "evaluation:queued",
+        "evaluation:running",
+        "evaluation:completed",
+        "evaluation:failed",
+    ])
+    .await
+    .expect("subscribe");
+    let s = Server::start_with(
+        "[redis]\npayload = \"seed\"",
+        &[("REDIS_URL", &redis.url())],
+    )
+    .await;
+    let ok = s
+        .submit(json!({"code": "print('stored by the seed worker')", "metadata": {"user": "u1"}}))
+        .await;
+    let bad = s
+        .submit(json!({"code": "import sys\nprint('partial')\nsys.exit(4)"}))
+        .await;
+    let ok_rec = s.wait_terminal(&ok).await;
+    let bad_rec = s.wait_terminal(&bad).await;
+    s.wait_sink_caught_up("redis").await;
+
+    let mut storage = SeedStorage::default();
+    let started = Instant::now();
+    let done = |st: &SeedStorage| {
+        [&ok, &bad].iter().all(|id| {
+            st.rows
+                .get(id.as_str())
+                .is_some_and(|r| r["status"] == "completed" || r["status"] == "failed")
+        })
+    };
+    while !done(&storage) {
+        let left = DEADLINE.saturating_sub(started.elapsed());
+        let m = tokio::time::timeout(left, rx.recv())
+            .await
+            .expect("the seed worker's messages")
+            .expect("message");
+        let data: Value =
+            serde_json::from_str(&m.value.as_string().expect("text")).expect("a JSON message");
+        storage.handle(&m.channel, &data);
+    }
+    assert!(storage.skipped.is_empty(), "{:?}", storage.skipped);
+    assert_eq!(
+        storage.by_channel["evaluation:running"], 2,
+        "{:?}",
+        storage.by_channel
+    );
+
+    let row = &storage.rows[&ok];
+    assert_eq!(row["status"], "completed");
+    assert_eq!(row["code"], ok_rec["code"]);
+    assert_eq!(row["language"], "python");
+    assert_eq!(row["output"], "stored by the seed worker\n");
+    assert_eq!(row["error"], "");
+    assert_eq!(row["metadata"], json!({"user": "u1"}));
+    assert_eq!(row["exit_code"], 0);
+    let row = &storage.rows[&bad];
+    assert_eq!(row["status"], "failed");
+    assert_eq!(row["error"], bad_rec["error"]);
+    assert!(
+        row["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{row}"
+    );
+    assert_eq!(row["exit_code"], 4);
+
+    // The stream keeps the envelope for consumers that must not miss an event.
+    let stream = redis.stream("crucible:events").await;
+    assert!(stream
+        .iter()
+        .all(|(_, e)| e["data"]["eval_id"] == e["eval_id"]));
 }
