@@ -37,7 +37,7 @@ async fn health_services_come_from_every_subsystem() {
     assert!(!h["timestamp"].as_str().unwrap_or("").is_empty(), "{h}");
     // One state per subsystem entry, and nothing else.
     let entries: Vec<&str> = [
-        "store", "queue", "executor", "sinks", "redis", "postgres", "workers",
+        "store", "queue", "executor", "judge", "sinks", "redis", "postgres", "workers",
     ]
     .into_iter()
     .filter(|k| h.get(*k).is_some())
