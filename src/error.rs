@@ -78,6 +78,8 @@ codes! {
     ReplayOutOfWindow => UNPROCESSABLE_ENTITY, "replay_out_of_window";
     /// The backup destination cannot be used.
     BackupFailed => UNPROCESSABLE_ENTITY, "backup_failed";
+    /// A backup of that name exists already (choose another `path`).
+    BackupExists => CONFLICT, "backup_exists";
     /// A bug or an unexpected state inside the appliance.
     Internal => INTERNAL_SERVER_ERROR, "internal";
     /// The store could not read or write (disk trouble).

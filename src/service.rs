@@ -16,7 +16,7 @@ use crate::outbox::{Outbox, ReplayError, SinkReport};
 use crate::queue::Queue;
 use crate::store::{BackupInfo, DeadLetter, IdemKey, Store, Submitted};
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -308,6 +308,7 @@ impl Service {
     pub fn document_submission(&self, schemas: &mut Value) {
         let available = self.available_languages();
         self.with_rules(|rules| document_submission(schemas, rules, &available));
+        document_backup_path(schemas, &self.cfg.backup_dir());
     }
 
     fn check_accepting(&self) -> Result<(), ApiError> {
@@ -454,6 +455,29 @@ impl Service {
 
 /// Where a backup named `name` goes: inside `base` only. Plain relative names (no `..`,
 /// no `.`), or an absolute path inside `base`; nothing on the way may be a symbolic link.
+/// The longest `path` of a backup, in characters (a name of at most 252 bytes: within
+/// any filesystem's limit for one name).
+const MAX_BACKUP_NAME_CHARS: usize = 63;
+
+/// Write what [`backup_destination`] accepts into the document's `BackupRequest.path`: a
+/// relative path of one or more names (none `.` or `..`, though `.` may stand between
+/// names), or the same under the absolute `base`; repeated and trailing slashes allowed.
+fn document_backup_path(schemas: &mut Value, base: &Path) {
+    const NAME: &str = r"(?:[^/\u0000.][^/\u0000]*|\.[^/\u0000.][^/\u0000]*|\.\.[^/\u0000]+)";
+    let mut escaped = String::new();
+    for ch in base.to_string_lossy().chars() {
+        if "\\^$.|?*+()[]{}".contains(ch) {
+            escaped.push('\\');
+        }
+        escaped.push(ch);
+    }
+    let pattern = format!("^(?:{escaped}/+)?{NAME}(?:/+(?:{NAME}|\\.))*/*$");
+    let path = &mut schemas["BackupRequest"]["properties"]["path"];
+    path["minLength"] = json!(1);
+    path["maxLength"] = json!(MAX_BACKUP_NAME_CHARS);
+    path["pattern"] = json!(pattern);
+}
+
 pub fn backup_destination(base: &Path, name: Option<&str>) -> Result<PathBuf, ApiError> {
     let bad = |why: &str| {
         ApiError::invalid_field(
@@ -472,8 +496,8 @@ pub fn backup_destination(base: &Path, name: Option<&str>) -> Result<PathBuf, Ap
             &stamp
         }
     };
-    if name.is_empty() || name.len() > 255 || name.contains('\0') {
-        return Err(bad("1 to 255 characters"));
+    if name.is_empty() || name.chars().count() > MAX_BACKUP_NAME_CHARS || name.contains('\0') {
+        return Err(bad("1 to 63 characters"));
     }
     let p = Path::new(name);
     let rel = if p.is_absolute() {

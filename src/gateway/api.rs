@@ -614,6 +614,7 @@ pub struct BackupRequest {
     request_body(content = BackupRequest, content_type = "application/json"),
     responses(
         (status = 200, description = "Written and verified", body = BackupInfo),
+        (status = 409, response = E409),
         (status = 500, response = E500),
     ))]
 pub async fn backup(

@@ -55,6 +55,7 @@ pub struct SubmitRequest {
 
 /// A source file of a submission.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct FileRequest {
     /// A plain relative path: components of letters, digits, `.`, `_`, `-` and `+`, none
     /// starting with `.`; not the main file's name; no two files alike.
@@ -144,6 +145,8 @@ pub fn document_submission(schemas: &mut Value, rules: &SubmitRules<'_>, availab
     req["timeout"]["exclusiveMinimum"] = json!(0);
     req["timeout"]["maximum"] = json!(rules.max_timeout);
     req["files"]["maxItems"] = json!(rules.judge.max_files);
+    // Names must differ too (a rule on one property of the items: in the description).
+    req["files"]["uniqueItems"] = json!(true);
     req["args"]["maxItems"] = json!(rules.judge.max_args);
     req["args"]["items"]["maxLength"] = json!(4096);
     req["args"]["items"]["pattern"] = json!("^[^\\u0000]*$");
@@ -177,6 +180,32 @@ pub fn document_submission(schemas: &mut Value, rules: &SubmitRules<'_>, availab
                 limits[name]["maximum"] = json!(*v);
             }
         }
+    }
+    // Languages' maxima differ (the JVM's are higher): one variant per language, chosen
+    // by `language` (absent or null: python), narrows `limits` to that language's own.
+    let Some(mut largest) = max else { return };
+    let mut variants = Vec::new();
+    let mut narrows = false;
+    for l in available {
+        let mut own = (rules.max_limits)(l);
+        let mut props = serde_json::Map::new();
+        for name in RunLimits::NAMES {
+            if let (Some(v), Some(top)) = (own.get_mut(name), largest.get_mut(name)) {
+                if *v < *top {
+                    props.insert(name.to_string(), json!({"maximum": *v}));
+                }
+            }
+        }
+        narrows |= !props.is_empty();
+        let limits = json!({"anyOf": [{"type": "null"}, {"type": "object", "properties": props}]});
+        variants.push(if l == "python" {
+            json!({"properties": {"language": {"enum": [null, "python"]}, "limits": limits}})
+        } else {
+            json!({"required": ["language"], "properties": {"language": {"const": l}, "limits": limits}})
+        });
+    }
+    if narrows {
+        schemas["SubmitRequest"]["anyOf"] = Value::Array(variants);
     }
 }
 

@@ -63,6 +63,9 @@ pub enum StoreError {
     /// The backup destination cannot be used (the request's fault, not the disk's).
     #[error("{0}")]
     BackupRejected(String),
+    /// The backup's directory exists and holds something already.
+    #[error("{0}")]
+    BackupExists(String),
     #[error("storage error: {0}")]
     Storage(String),
 }
@@ -90,6 +93,7 @@ impl From<StoreError> for ApiError {
             StoreError::BackupRejected(m) => {
                 ApiError::new(Code::BackupFailed, m).with_field("path")
             }
+            StoreError::BackupExists(m) => ApiError::new(Code::BackupExists, m).with_field("path"),
             StoreError::Storage(m) => ApiError::new(Code::StoreError, m),
         }
     }

@@ -327,7 +327,10 @@ impl Writer {
         }
         if let Ok(mut rd) = std::fs::read_dir(dest) {
             if rd.next().is_some() {
-                return Err(reject("the directory exists and is not empty"));
+                return Err(StoreError::BackupExists(format!(
+                    "backup to {}: the directory exists and is not empty",
+                    dest.display()
+                )));
             }
         }
         // A destination the server cannot create is the request's fault; a failure while

@@ -113,8 +113,8 @@ async fn a_live_backup_is_a_usable_data_dir() {
     let again = s
         .post("/api/admin/backup", &json!({"path": dest.to_str()}))
         .await;
-    assert_eq!(again.status, 422);
-    assert_eq!(again.error_code().as_deref(), Some("backup_failed"));
+    assert_eq!(again.status, 409);
+    assert_eq!(again.error_code().as_deref(), Some("backup_exists"));
     // Only inside backup_dir: neither `..` nor an absolute path elsewhere, and nothing
     // is written for a refused request.
     let outside = tempfile::tempdir().expect("tempdir");
