@@ -520,9 +520,10 @@ async fn submit(
         return Ok(0);
     }
     let id = v["eval_id"].as_str().unwrap_or_default().to_string();
+    // The server holds each read until the evaluation ends (or 30 s pass): no polling.
     loop {
         let r = c
-            .get(&format!("/api/eval/{id}"))
+            .get(&format!("/api/eval/{id}?wait=30"))
             .await
             .map_err(|e| e.to_string())?;
         let rec = answer(&r)?;
@@ -536,7 +537,7 @@ async fn submit(
                 print_json(&rec);
                 return Ok(1);
             }
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            _ => {}
         }
     }
 }

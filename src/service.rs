@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
@@ -418,6 +419,30 @@ impl Service {
             .ok_or_else(|| ApiError::not_found("evaluation"))
     }
 
+    /// The record once it is terminal, or as it stands after `wait` (at most
+    /// [`MAX_WAIT_SECS`]; sooner when the appliance stops). Woken by every durable batch
+    /// of the store, so the answer leaves as soon as the terminal state is on disk.
+    pub async fn get_waiting(&self, id: &str, wait: Duration) -> Result<Evaluation, ApiError> {
+        let deadline = tokio::time::Instant::now() + wait.min(Duration::from_secs(MAX_WAIT_SECS));
+        let mut head = self.store.subscribe_head();
+        loop {
+            head.borrow_and_update();
+            let rec = self.get(id).await?;
+            if rec.status.is_terminal() || self.shutdown.is_cancelled() {
+                return Ok(rec);
+            }
+            tokio::select! {
+                changed = head.changed() => {
+                    if changed.is_err() {
+                        return Ok(rec);
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => return Ok(rec),
+                _ = self.shutdown.cancelled() => return Ok(rec),
+            }
+        }
+    }
+
     /// A page of evaluations, newest first.
     pub async fn list(&self, q: &ListQuery) -> Result<Page, ApiError> {
         let (evaluations, next_cursor) = self
@@ -453,8 +478,9 @@ impl Service {
     }
 }
 
-/// Where a backup named `name` goes: inside `base` only. Plain relative names (no `..`,
-/// no `.`), or an absolute path inside `base`; nothing on the way may be a symbolic link.
+/// The longest `?wait=` of a read, in seconds (longer asks are cut to this).
+pub const MAX_WAIT_SECS: u64 = 60;
+
 /// The longest `path` of a backup, in characters (a name of at most 252 bytes: within
 /// any filesystem's limit for one name).
 const MAX_BACKUP_NAME_CHARS: usize = 63;
@@ -478,6 +504,8 @@ fn document_backup_path(schemas: &mut Value, base: &Path) {
     path["pattern"] = json!(pattern);
 }
 
+/// Where a backup named `name` goes: inside `base` only. Plain relative names (no `..`,
+/// no `.`), or an absolute path inside `base`; nothing on the way may be a symbolic link.
 pub fn backup_destination(base: &Path, name: Option<&str>) -> Result<PathBuf, ApiError> {
     let bad = |why: &str| {
         ApiError::invalid_field(

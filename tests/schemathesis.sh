@@ -47,12 +47,14 @@ trap cleanup EXIT
 token=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
 # The limits the hooks (tests/schemathesis_hooks.py) need for the rules that relate
 # several fields, written here and exported to them.
-export CRUCIBLE_MAX_EVAL_SECS=600 CRUCIBLE_DEFAULT_TIMEOUT=10 CRUCIBLE_MAX_CODE_BYTES=65536
+export CRUCIBLE_MAX_EVAL_SECS=600 CRUCIBLE_DEFAULT_TIMEOUT=2 CRUCIBLE_MAX_CODE_BYTES=65536
 cat > "$work/crucible.toml" <<EOF
 log_format = "human"
 log_level = "warn"
 [limits]
 default_timeout_secs = $CRUCIBLE_DEFAULT_TIMEOUT
+# A read with ?wait= waits for the evaluation to end: keep them short.
+max_timeout_secs = 5
 max_code_bytes = $CRUCIBLE_MAX_CODE_BYTES
 [judge]
 max_eval_secs = $CRUCIBLE_MAX_EVAL_SECS

@@ -201,29 +201,76 @@ pub async fn submit_batch(
     Ok(json_response(StatusCode::ACCEPTED, &to_value(&res)))
 }
 
+/// `GET /api/eval/{id}` and `/api/eval-status/{id}` parameters.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct WaitParams {
+    /// Seconds to wait for the evaluation to reach a terminal status: the answer leaves as
+    /// soon as it has (its terminal state on disk), else with the record as it stands
+    /// after this long. Longer waits are cut to 60 s; 0 or absent: answer at once.
+    #[param(value_type = Option<f64>, minimum = 0)]
+    wait: Option<String>,
+}
+
+/// The `wait` of a read, as a duration (at most [`crate::service::MAX_WAIT_SECS`]).
+fn wait_param(query: Option<&str>) -> Result<std::time::Duration, ApiError> {
+    let q: WaitParams = query::parse(query)?;
+    let Some(text) = q.wait else {
+        return Ok(std::time::Duration::ZERO);
+    };
+    match text.trim().parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => Ok(std::time::Duration::from_secs_f64(
+            secs.min(crate::service::MAX_WAIT_SECS as f64),
+        )),
+        _ => Err(ApiError::invalid_field(
+            "wait",
+            "`wait` must be a number of seconds, 0 or more (at most 60 are waited)",
+        )),
+    }
+}
+
 /// Read an evaluation
+///
+/// With `?wait=SECS`, the answer waits (up to 60 s) for the evaluation to end: a client
+/// learns the result as soon as it is on disk, without polling.
 #[utoipa::path(get, path = "/api/eval/{id}", tag = "evaluations",
-    params(("id" = String, Path, description = "The `eval_id`")),
+    params(("id" = String, Path, description = "The `eval_id`"), WaitParams),
     responses(
         (status = 200, description = "The record", body = Evaluation),
         (status = 404, response = E404),
         (status = 500, response = E500),
     ))]
-pub async fn get_eval(state: &State, id: &str) -> Result<Response<Body>, ApiError> {
-    let rec = state.service.get(id).await?;
+pub async fn get_eval(
+    state: &State,
+    id: &str,
+    query: Option<&str>,
+) -> Result<Response<Body>, ApiError> {
+    let wait = wait_param(query)?;
+    let rec = if wait.is_zero() {
+        state.service.get(id).await?
+    } else {
+        state.service.get_waiting(id, wait).await?
+    };
     Ok(json_response(StatusCode::OK, &to_value(&rec)))
 }
 
 /// Read an evaluation (the seed platform's path)
+///
+/// The same as `GET /api/eval/{id}`, `?wait=SECS` included.
 #[utoipa::path(get, path = "/api/eval-status/{id}", tag = "evaluations",
-    params(("id" = String, Path, description = "The `eval_id`")),
+    params(("id" = String, Path, description = "The `eval_id`"), WaitParams),
     responses(
         (status = 200, description = "The record", body = Evaluation),
         (status = 404, response = E404),
         (status = 500, response = E500),
     ))]
-pub async fn get_eval_status(state: &State, id: &str) -> Result<Response<Body>, ApiError> {
-    get_eval(state, id).await
+pub async fn get_eval_status(
+    state: &State,
+    id: &str,
+    query: Option<&str>,
+) -> Result<Response<Body>, ApiError> {
+    get_eval(state, id, query).await
 }
 
 /// Read an evaluation (the seed platform's later path)
@@ -238,7 +285,7 @@ pub async fn get_eval_status(state: &State, id: &str) -> Result<Response<Body>, 
         (status = 500, response = E500),
     ))]
 pub async fn get_eval_seed_status(state: &State, id: &str) -> Result<Response<Body>, ApiError> {
-    get_eval(state, id).await
+    get_eval(state, id, None).await
 }
 
 fn to_value<T: serde::Serialize>(v: &T) -> Value {

@@ -97,12 +97,20 @@ pub fn table() -> Vec<Route> {
         r(POST, "/api/eval-batch", true, |s, c| {
             Box::pin(api::submit_batch(s, c.req))
         }),
-        r(GET, "/api/eval-status/{id}", true, |s, c| {
-            Box::pin(async move { api::get_eval_status(s, &c.param).await })
-        }),
-        r(GET, "/api/eval/{id}", true, |s, c| {
-            Box::pin(async move { api::get_eval(s, &c.param).await })
-        }),
+        Route {
+            query: QueryRule::Typed,
+            ..r(GET, "/api/eval-status/{id}", true, |s, c| {
+                Box::pin(
+                    async move { api::get_eval_status(s, &c.param, c.req.uri().query()).await },
+                )
+            })
+        },
+        Route {
+            query: QueryRule::Typed,
+            ..r(GET, "/api/eval/{id}", true, |s, c| {
+                Box::pin(async move { api::get_eval(s, &c.param, c.req.uri().query()).await })
+            })
+        },
         r(GET, "/api/eval/{id}/status", true, |s, c| {
             Box::pin(async move { api::get_eval_seed_status(s, &c.param).await })
         }),

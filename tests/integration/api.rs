@@ -550,3 +550,53 @@ async fn crash_while_running_ends_interrupted_after_restart() {
     let h = s.get("/health").await.json().expect("json");
     assert_eq!(h["queue"]["running"], 0);
 }
+
+/// `?wait=SECS` on both read paths: one request learns the end of an evaluation (no
+/// polling), a wait that runs out answers with the record as it stands, a cancel wakes a
+/// waiting reader, and a bad `wait` or an unknown parameter is a 422 naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_with_wait_answers_when_the_evaluation_ends() {
+    let s = Server::start("").await;
+    // One request from submit to the result.
+    let id = s.submit(json!({"code": "print('waited')"})).await;
+    let r = s.get(&format!("/api/eval/{id}?wait=60")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let rec = r.json().expect("json");
+    assert_eq!(rec["status"], "completed", "{rec}");
+    assert_eq!(rec["output"], "waited\n");
+    let r = s.get(&format!("/api/eval-status/{id}?wait=5")).await;
+    assert_eq!(r.json().expect("json"), rec, "a terminal record answers at once");
+
+    // A wait that runs out: the record as it stands.
+    let long = s.submit(json!({"code": LONG_SLEEP, "timeout": 300})).await;
+    s.wait_status(&long, "running").await;
+    let r = s.get(&format!("/api/eval-status/{long}?wait=0.2")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json().expect("json")["status"], "running");
+
+    // A waiting reader is woken by the cancel (long before its 60 s run out).
+    let started = Instant::now();
+    let waiter = {
+        let c = s.client.clone();
+        let path = format!("/api/eval/{long}?wait=60");
+        tokio::spawn(async move { c.get(&path).await.expect("GET") })
+    };
+    let c = s.post(&format!("/api/eval/{long}/cancel"), &json!({})).await;
+    assert_eq!(c.status, 200, "{}", c.text());
+    let r = waiter.await.expect("join");
+    assert_eq!(r.json().expect("json")["status"], "cancelled");
+    assert!(started.elapsed().as_secs() < 50, "the cancel did not wake the reader");
+
+    // Bad input.
+    for q in ["wait=-1", "wait=abc", "wait=", "wait=NaN", "wait=inf"] {
+        let r = s.get(&format!("/api/eval/{id}?{q}")).await;
+        assert_eq!(r.status, 422, "{q}: {}", r.text());
+        let v = r.json().expect("json");
+        assert_eq!(v["error"]["code"], "invalid_field", "{q}: {v}");
+        assert_eq!(v["error"]["field"], "wait", "{q}: {v}");
+    }
+    let r = s.get(&format!("/api/eval/{id}?wiat=5")).await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    let r = s.get("/api/eval/01890000-0000-7000-8000-000000000000?wait=1").await;
+    assert_eq!(r.status, 404, "{}", r.text());
+}
