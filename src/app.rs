@@ -235,9 +235,9 @@ async fn build_executor(
                 )))
             })?;
             let sandbox = Arc::new(sandbox);
-            // Each toolchain's version, for /api/languages, asked in the background.
-            let probe = sandbox.clone();
-            tokio::spawn(async move { probe.probe_versions().await });
+            // Each toolchain's version, for /api/languages, and the sandbox pool, in the
+            // background.
+            sandbox.start_background();
             Ok((sandbox, None))
         }
         ExecutorKind::Docker => {

@@ -385,6 +385,10 @@ pub struct SandboxConfig {
     /// Install the syscall filter in every run (README, "Sandbox"). Turn off only to debug
     /// a program the filter stops; every other protection stays.
     pub seccomp: bool,
+    /// Sandboxes prepared ahead of their run (namespaces, root, cgroup), each used once:
+    /// a run takes a ready one and only its files and limits are put in place. Default
+    /// (unset): one per worker. 0 prepares every sandbox when its run starts.
+    pub pool: Option<usize>,
 }
 
 /// One language: how the sandbox compiles and runs it and which image the Docker
@@ -734,6 +738,7 @@ impl Default for SandboxConfig {
             cpus: 1.0,
             require_cgroup: false,
             seccomp: true,
+            pool: None,
         }
     }
 }
@@ -1054,6 +1059,9 @@ impl Config {
             && self.sandbox.cpus <= 256.0)
         {
             return Err(invalid("sandbox.cpus", "must be between 0.01 and 256"));
+        }
+        if self.sandbox.pool.is_some_and(|n| n > 64) {
+            return Err(invalid("sandbox.pool", "must be between 0 and 64"));
         }
         if l.tmp_mb == 0 || l.max_file_mb == 0 {
             return Err(invalid(

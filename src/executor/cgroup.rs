@@ -402,7 +402,9 @@ impl RunCgroup {
             .map(|d| d.path.as_path())
     }
 
-    fn set_limits(&self, l: &CgroupLimits) -> io::Result<()> {
+    /// Set (or change) the caps. A pooled sandbox's group gets its run's caps when the
+    /// run is assigned to it.
+    pub fn set_limits(&self, l: &CgroupLimits) -> io::Result<()> {
         let period: u64 = 100_000;
         let quota = ((l.cpus * period as f64).round() as u64).max(1_000);
         match self.version {
@@ -420,13 +422,20 @@ impl RunCgroup {
             }
             Version::V1 => {
                 if let Some(m) = self.dir("memory") {
-                    write(
-                        &m.join("memory.limit_in_bytes"),
-                        &l.memory_bytes.to_string(),
-                    )?;
+                    let limit = m.join("memory.limit_in_bytes");
                     let memsw = m.join("memory.memsw.limit_in_bytes");
+                    let value = l.memory_bytes.to_string();
+                    // memory + swap may never be below memory: raise memory + swap first
+                    // (a pooled group gets its run's larger limit), lower memory first.
                     if memsw.exists() {
-                        write(&memsw, &l.memory_bytes.to_string())?;
+                        if write(&memsw, &value).is_ok() {
+                            write(&limit, &value)?;
+                        } else {
+                            write(&limit, &value)?;
+                            write(&memsw, &value)?;
+                        }
+                    } else {
+                        write(&limit, &value)?;
                     }
                 }
                 if let Some(p) = self.dir("pids") {
@@ -489,6 +498,18 @@ impl RunCgroup {
         self.oom_seen.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// Start counting a run in a group that already holds processes (a pooled sandbox):
+    /// the peak memory starts again where the kernel lets it be reset (v1), and the CPU
+    /// time used so far is returned, for the run's own time to be counted from it.
+    pub fn begin(&self) -> u64 {
+        if self.version == Version::V1 {
+            if let Some(m) = self.dir("memory") {
+                let _ = write(&m.join("memory.max_usage_in_bytes"), "0");
+            }
+        }
+        self.usage().cpu_usec.unwrap_or(0)
+    }
+
     /// What the kernel counted so far.
     pub fn usage(&self) -> CgroupUsage {
         let mut u = CgroupUsage::default();
@@ -538,6 +559,10 @@ impl RunCgroup {
     /// Kill every process of the group at once (v2: `cgroup.kill`; v1: freeze, kill, thaw,
     /// so nothing can fork while it is being killed).
     pub fn kill(&self) {
+        // An empty group stays empty: nothing is left in it that could fork.
+        if self.is_empty() {
+            return;
+        }
         if self.version == Version::V2 {
             let k = self.dirs[0].path.join("cgroup.kill");
             if k.exists() && write(&k, "1").is_ok() {

@@ -1351,6 +1351,7 @@ impl Executor for DockerExecutor {
                 },
                 limits_reason,
                 work_dir: None,
+                pool: None,
                 backend: "docker",
                 ok: st.reachable,
                 detail: if st.reachable {

@@ -71,6 +71,66 @@ pub struct Spec {
     pub cpu_secs: u64,
     pub tmp_bytes: u64,
     pub backstop_secs: u64,
+    /// A pooled sandbox: set up now, with nothing in /code, and left waiting for its run
+    /// ([`Assignment`]), which arrives first on its stdin. The fields above that describe
+    /// the program (files, program, args, env, build, limits) are unused then.
+    #[serde(default)]
+    pub pooled: bool,
+}
+
+/// The run given to a pooled sandbox, on its stdin: `[u64 LE length][this, as JSON]
+/// [u64 LE length][a tar of /build, or nothing]`, then the program's own stdin. The
+/// sandbox's first process reads exactly the frame (unbuffered), writes /code (and
+/// /build) into fresh tmpfs mounts made read-only before anything else runs, applies the
+/// limits and becomes the program.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Assignment {
+    /// Files under /code: (relative path, content).
+    pub files: Vec<(String, String)>,
+    pub program: String,
+    pub args: Vec<String>,
+    /// The program's whole environment (`NAME=value`).
+    pub env: Vec<String>,
+    /// Size of /build's tmpfs when a build comes with the run (0: none).
+    pub build_bytes: u64,
+    pub memory_bytes: u64,
+    pub max_processes: u64,
+    pub max_file_bytes: u64,
+    pub max_open_files: u64,
+    pub cpu_secs: u64,
+}
+
+/// The largest assignment a pooled sandbox accepts (the API caps code and files far
+/// below this).
+const MAX_ASSIGNMENT_BYTES: u64 = 256 * 1024 * 1024;
+
+/// The frame of an assignment, as the appliance writes it on a pooled sandbox's stdin.
+pub fn assignment_frame(a: &Assignment, build_tar: &[u8]) -> Result<Vec<u8>, String> {
+    let json = serde_json::to_vec(a).map_err(|e| format!("assignment: {e}"))?;
+    let mut out = Vec::with_capacity(16 + json.len() + build_tar.len());
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&(build_tar.len() as u64).to_le_bytes());
+    out.extend_from_slice(build_tar);
+    Ok(out)
+}
+
+/// The program's environment: PATH, HOME, LANG and TMPDIR, then the language's own
+/// (`NAME=value`, replacing one of those of the same name).
+pub fn program_env(path: &str, extra: &[String]) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = vec![
+        ("PATH".into(), path.to_string()),
+        ("HOME".into(), "/tmp".into()),
+        ("LANG".into(), "C.UTF-8".into()),
+        ("TMPDIR".into(), "/tmp".into()),
+    ];
+    for e in extra {
+        if let Some((k, v)) = e.split_once('=') {
+            env.retain(|(name, _)| name != k);
+            env.push((k.to_string(), v.to_string()));
+        }
+    }
+    env
 }
 
 /// What happened, as the helper saw it.
@@ -169,11 +229,17 @@ fn run(spec: &Spec) -> Result<HelperResult, String> {
     if unsafe { libc::getppid() } as u32 != spec.parent_pid {
         return Err("the appliance went away before the run started".into());
     }
-    // hakoniwa creates the sandbox root as a temporary directory under TMPDIR.
+    // The sandbox root: a directory of the run's own, which the appliance removes after
+    // the run (hakoniwa's own temporary root would be removed here, while the appliance
+    // waits for the result).
+    let root = spec.work_dir.join("root");
+    std::fs::create_dir(&root)
+        .map_err(|e| format!("cannot create the sandbox root {}: {e}", root.display()))?;
     // SAFETY (edition 2021 API): single-threaded process, nobody else reads the env.
     std::env::set_var("TMPDIR", &spec.work_dir);
 
     let mut c = Container::empty();
+    c.rootdir(&root);
     for ns in [
         Namespace::Mount,
         Namespace::User,
@@ -228,6 +294,9 @@ fn run(spec: &Spec) -> Result<HelperResult, String> {
         Some(format!("size={},nr_inodes=16384,mode=1777", spec.tmp_bytes)),
     );
     c.dir(CODE_DIR, 0o755);
+    if spec.pooled {
+        return run_pooled(spec, c);
+    }
     let mut dirs = std::collections::BTreeSet::new();
     for (name, content) in &spec.files {
         let mut parent = Path::new(name).parent();
@@ -266,18 +335,7 @@ fn run(spec: &Spec) -> Result<HelperResult, String> {
         .setrlimit(Rlimit::Cpu, spec.cpu_secs, spec.cpu_secs + 1)
         .setrlimit(Rlimit::Core, 0, 0);
 
-    let mut env: Vec<(String, String)> = vec![
-        ("PATH".into(), spec.path.clone()),
-        ("HOME".into(), "/tmp".into()),
-        ("LANG".into(), "C.UTF-8".into()),
-        ("TMPDIR".into(), "/tmp".into()),
-    ];
-    for e in &spec.env {
-        if let Some((k, v)) = e.split_once('=') {
-            env.retain(|(name, _)| name != k);
-            env.push((k.to_string(), v.to_string()));
-        }
-    }
+    let env = program_env(&spec.path, &spec.env);
     let exec = Exec::new(spec, &env)?;
     let compile = spec.compile_build_bytes;
     let cap = spec.output_cap;
@@ -299,6 +357,11 @@ fn run(spec: &Spec) -> Result<HelperResult, String> {
         .stdin(Stdio::inherit())
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit());
+    finish(cmd)
+}
+
+/// Wait for the sandbox's program and report how it ended.
+fn finish(mut cmd: hakoniwa::Command) -> Result<HelperResult, String> {
     let status = cmd
         .status()
         .map_err(|e| format!("sandbox setup failed: {e}"))?;
@@ -320,6 +383,165 @@ fn run(spec: &Spec) -> Result<HelperResult, String> {
     Ok(r)
 }
 
+/// A pooled sandbox: the same root with an empty /code (and a /build to mount on), no
+/// limits yet and no time limit here (the appliance's timer kills the run's cgroup and
+/// this helper); its first process waits for its [`Assignment`] on stdin.
+fn run_pooled(spec: &Spec, mut c: Container) -> Result<HelperResult, String> {
+    c.dir(BUILD_DIR, 0o755);
+    c.setrlimit(Rlimit::Core, 0, 0);
+    let filters = match spec.seccomp {
+        true => Some(super::seccomp::programs()?),
+        false => None,
+    };
+    // SAFETY: as in `run`: the closure runs in the sandbox's first process, forked from
+    // this single-threaded helper, and ends in execve or an exit.
+    let mut cmd = unsafe {
+        c.command_from_closure(move || match take_assignment(filters.clone()) {
+            Ok(exec) => exec_program(&exec),
+            Err(e) => sandbox_step_failed("cannot take the run", e),
+        })
+    };
+    cmd.env("PATH", &spec.path)
+        .env("HOME", "/tmp")
+        .env("LANG", "C.UTF-8")
+        .env("TMPDIR", "/tmp")
+        .current_dir("/tmp")
+        .stdin(Stdio::inherit())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit());
+    finish(cmd)
+}
+
+/// In a pooled sandbox's first process: read the assignment (exactly its frame: what
+/// follows is the program's stdin), put its files in place on fresh tmpfs mounts made
+/// read-only, apply its limits, and prepare the program.
+fn take_assignment(filters: Option<Vec<seccompiler::BpfProgram>>) -> Result<Exec, String> {
+    // Unbuffered: nothing past the frame may be read here.
+    // SAFETY: fd 0 is this process's stdin; ManuallyDrop leaves it open for the program.
+    let mut stdin = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(0) });
+    let mut read_block = |max: u64| -> Result<Vec<u8>, String> {
+        let mut len = [0u8; 8];
+        stdin
+            .read_exact(&mut len)
+            .map_err(|e| format!("no assignment: {e}"))?;
+        let len = u64::from_le_bytes(len);
+        if len > max {
+            return Err(format!("an assignment block of {len} bytes is over {max}"));
+        }
+        let mut buf = vec![0u8; len as usize];
+        stdin
+            .read_exact(&mut buf)
+            .map_err(|e| format!("a cut assignment: {e}"))?;
+        Ok(buf)
+    };
+    let json = read_block(MAX_ASSIGNMENT_BYTES)?;
+    let a: Assignment =
+        serde_json::from_slice(&json).map_err(|e| format!("a bad assignment: {e}"))?;
+    drop(json);
+    let tar = read_block(a.build_bytes)?;
+
+    let code_bytes: u64 = a.files.iter().map(|(_, c)| c.len() as u64 + 4096).sum();
+    mount_tmpfs(CODE_DIR, code_bytes + 64 * 1024, 0o755)?;
+    for (name, content) in &a.files {
+        let target = Path::new(CODE_DIR).join(name);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| format!("{CODE_DIR}: {e}"))?;
+        }
+        write_new(&target, content.as_bytes(), 0o644)?;
+    }
+    remount_ro(CODE_DIR)?;
+    if !tar.is_empty() {
+        mount_tmpfs(BUILD_DIR, a.build_bytes.max(1), 0o755)?;
+        super::build::extract(&tar, Path::new(BUILD_DIR), 100_000, a.build_bytes)?;
+        remount_ro(BUILD_DIR)?;
+    }
+    drop(tar);
+
+    for (resource, value, hard) in [
+        (libc::RLIMIT_AS, a.memory_bytes, a.memory_bytes),
+        (libc::RLIMIT_NPROC, a.max_processes, a.max_processes),
+        (libc::RLIMIT_FSIZE, a.max_file_bytes, a.max_file_bytes),
+        (libc::RLIMIT_NOFILE, a.max_open_files, a.max_open_files),
+        (libc::RLIMIT_CPU, a.cpu_secs, a.cpu_secs + 1),
+    ] {
+        let lim = libc::rlimit {
+            rlim_cur: value,
+            rlim_max: hard,
+        };
+        // SAFETY: setrlimit with a valid struct.
+        if unsafe { libc::setrlimit(resource, &lim) } != 0 {
+            return Err(format!("setrlimit: {}", std::io::Error::last_os_error()));
+        }
+    }
+    let env: Vec<(String, String)> = a
+        .env
+        .iter()
+        .filter_map(|e| e.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Exec::build(&a.program, &a.args, &env, filters)
+}
+
+/// A fresh tmpfs at `target` (no devices, no set-uid).
+fn mount_tmpfs(target: &str, bytes: u64, mode: u32) -> Result<(), String> {
+    let c = |s: &str| CString::new(s).map_err(|_| format!("NUL byte in {s:?}"));
+    let (src, dst, fs) = (c("tmpfs")?, c(target)?, c("tmpfs")?);
+    let opts = c(&format!("size={bytes},nr_inodes=16384,mode={mode:o}"))?;
+    // SAFETY: mount(2) with NUL-terminated strings that live across the call.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            fs.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            opts.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(format!(
+            "cannot mount a tmpfs on {target}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// Make the mount at `target` read-only.
+fn remount_ro(target: &str) -> Result<(), String> {
+    let dst = CString::new(target).map_err(|_| format!("NUL byte in {target:?}"))?;
+    // SAFETY: mount(2) remounting an existing mount point.
+    let rc = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            dst.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(format!(
+            "cannot make {target} read-only: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// Create `path` (it must not exist: nothing is followed) with `content`.
+fn write_new(path: &Path, content: &[u8], mode: u32) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    f.write_all(content)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
 /// The program to exec inside the sandbox, prepared before the fork.
 struct Exec {
     program: CString,
@@ -330,20 +552,29 @@ struct Exec {
 
 impl Exec {
     fn new(spec: &Spec, env: &[(String, String)]) -> Result<Exec, String> {
+        let filters = match spec.seccomp {
+            true => Some(super::seccomp::programs()?),
+            false => None,
+        };
+        Exec::build(&spec.program, &spec.args, env, filters)
+    }
+
+    fn build(
+        program: &str,
+        args: &[String],
+        env: &[(String, String)],
+        filters: Option<Vec<seccompiler::BpfProgram>>,
+    ) -> Result<Exec, String> {
         let c = |s: &str| CString::new(s).map_err(|_| format!("NUL byte in {s:?}"));
-        let program = c(&spec.program)?;
+        let program = c(program)?;
         let mut argv = vec![program.clone()];
-        for a in &spec.args {
+        for a in args {
             argv.push(c(a)?);
         }
         let envp = env
             .iter()
             .map(|(k, v)| c(&format!("{k}={v}")))
             .collect::<Result<Vec<_>, _>>()?;
-        let filters = match spec.seccomp {
-            true => Some(super::seccomp::programs()?),
-            false => None,
-        };
         Ok(Exec {
             program,
             argv,

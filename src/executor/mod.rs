@@ -158,6 +158,21 @@ pub struct ExecutorHealth {
     /// Where the sandbox makes each run's root (sandbox backend).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub work_dir: Option<String>,
+    /// Sandboxes prepared ahead (sandbox backend, `[sandbox] pool` > 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolHealth>,
+}
+
+/// The sandbox pool in /health.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolHealth {
+    /// How many are kept ready (`[sandbox] pool`).
+    pub size: usize,
+    /// How many are ready now.
+    pub ready: usize,
+    /// Why the last one could not be prepared (it retries every second).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// Whether a language can run here, as the executor sees it.

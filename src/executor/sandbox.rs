@@ -13,7 +13,7 @@
 //! processes every few tens of milliseconds and kills the run past its allowance.
 
 use super::cgroup::{CgroupLimits, Cgroups, RunCgroup};
-use super::helper::{HelperResult, Spec, BUILD_DIR, CODE_DIR};
+use super::helper::{Assignment, HelperResult, Spec, BUILD_DIR, CODE_DIR};
 use super::{
     build, read_capped, BoxFuture, CompileJob, CompileOutput, Executor, ExecutorHealth, Job,
     LanguageInfo, LanguageState, RunOutput, Termination, Usage,
@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::model::RunLimits;
 use crate::ops::metrics::{Exposition, LabeledCounter};
 use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -61,6 +62,10 @@ struct SandboxRun<'a> {
     timeout: Duration,
     limits: RunLimits,
     tmp_bytes: u64,
+    /// May take a pooled sandbox (an evaluation's run; not a compile step, the self-test
+    /// or a toolchain's version, which get one made for them and leave the pool to
+    /// evaluations).
+    pooled: bool,
 }
 
 /// How runs are contained on this host, decided once at start.
@@ -82,6 +87,73 @@ pub struct SandboxStats {
     pub watchdog_kills: AtomicU64,
     /// Runs killed for using up their CPU time.
     pub cpu_kills: AtomicU64,
+    /// Runs by how their sandbox was had (`pool`: prepared ahead; `cold`: made for it).
+    pub sandboxes: LabeledCounter,
+    /// Pooled sandboxes found dead when taken, or that could not be given their run.
+    pub pool_discarded: AtomicU64,
+}
+
+/// A sandbox prepared ahead (see [`Spec::pooled`]): its helper waits, inside its cgroup,
+/// for a run on stdin. Used once.
+struct Warm {
+    child: tokio::process::Child,
+    cgroup: Option<RunCgroup>,
+    run_dir: RunDir,
+    result_r: OwnedFd,
+    name: String,
+}
+
+impl Warm {
+    /// Kill it and remove its cgroup and directory, now.
+    async fn discard(mut self) {
+        if let Some(g) = &self.cgroup {
+            g.kill();
+        }
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+        let cgroup = self.cgroup.take();
+        let dir = std::mem::take(&mut self.run_dir.path);
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(g) = cgroup {
+                g.remove_now();
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        })
+        .await;
+    }
+}
+
+/// The sandboxes prepared ahead, and the task that keeps them there.
+struct Pool {
+    size: usize,
+    ready: Mutex<Vec<Warm>>,
+    /// Wakes the refill task (a sandbox was taken and its program released: preparing
+    /// the next one then does not delay this one's start).
+    wake: Arc<tokio::sync::Notify>,
+    stop: CancellationToken,
+    /// The refill's last failure (it retries every second).
+    last_error: Mutex<Option<String>>,
+    /// The background tasks (the refill, the toolchain versions), awaited at shutdown.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// A run's helper, started (cold) or taken from the pool and given its run.
+struct Launched {
+    child: tokio::process::Child,
+    cgroup: Option<RunCgroup>,
+    /// Removed when the run ends (dropped with this).
+    _run_dir: RunDir,
+    result_r: OwnedFd,
+    /// The spec still to write on fd 3 (cold).
+    spec: Option<(OwnedFd, Vec<u8>)>,
+    /// What its stdin gets first: the assignment frame when pooled (then the pool is
+    /// refilled), else nothing.
+    frame: Vec<u8>,
+    /// Then the program's stdin.
+    input: Vec<u8>,
+    /// CPU time (µs) its cgroup had used before the run (a pooled sandbox's setup).
+    cpu_base: u64,
+    pooled: bool,
 }
 
 /// The sandbox executor.
@@ -104,6 +176,7 @@ pub struct SandboxExecutor {
     tmp_bytes: u64,
     last_error: Mutex<Option<String>>,
     pub stats: SandboxStats,
+    pool: Pool,
 }
 
 /// What ended a run before the program did.
@@ -190,7 +263,285 @@ impl SandboxExecutor {
             tmp_bytes: l.tmp_mb * 1024 * 1024,
             last_error: Mutex::new(None),
             stats: SandboxStats::default(),
+            pool: Pool {
+                size: cfg.sandbox.pool.unwrap_or(cfg.workers),
+                ready: Mutex::new(Vec::new()),
+                wake: Arc::new(tokio::sync::Notify::new()),
+                stop: CancellationToken::new(),
+                last_error: Mutex::new(None),
+                tasks: Mutex::new(Vec::new()),
+            },
         })
+    }
+
+    /// Start the background work (until [`Executor::shutdown`]): ask each toolchain for
+    /// its version, once (`/api/languages`), and keep `[sandbox] pool` sandboxes prepared.
+    pub fn start_background(self: &Arc<Self>) {
+        let me = self.clone();
+        let probe = tokio::spawn(async move { me.probe_versions().await });
+        if let Ok(mut t) = self.pool.tasks.lock() {
+            t.push(probe);
+        }
+        if self.pool.size == 0 {
+            return;
+        }
+        let me = self.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                while me.pool_len() < me.pool.size && !me.pool.stop.is_cancelled() {
+                    match me.prepare_warm().await {
+                        Ok(w) => {
+                            if me.pool.stop.is_cancelled() {
+                                w.discard().await;
+                                break;
+                            }
+                            if let Ok(mut ready) = me.pool.ready.lock() {
+                                ready.push(w);
+                            }
+                            if let Ok(mut e) = me.pool.last_error.lock() {
+                                *e = None;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot prepare a pooled sandbox; retrying in 1 s");
+                            if let Ok(mut last) = me.pool.last_error.lock() {
+                                *last = Some(e);
+                            }
+                            tokio::select! {
+                                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                                _ = me.pool.stop.cancelled() => {}
+                            }
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = me.pool.wake.notified() => {}
+                    _ = me.pool.stop.cancelled() => break,
+                }
+            }
+        });
+        if let Ok(mut t) = self.pool.tasks.lock() {
+            t.push(task);
+        }
+    }
+
+    fn pool_len(&self) -> usize {
+        self.pool.ready.lock().map(|r| r.len()).unwrap_or(0)
+    }
+
+    /// Prepare one pooled sandbox: its directory, its helper in its own cgroup (with small
+    /// limits until it gets its run), its spec sent.
+    async fn prepare_warm(&self) -> Result<Warm, String> {
+        let name = format!("run-{}", uuid::Uuid::new_v4().simple());
+        let run_dir = RunDir::create(&self.work_dir, &name, self.uid, self.gid)?;
+        let idle = SandboxRun {
+            argv: vec![String::new()],
+            env: Vec::new(),
+            files: Vec::new(),
+            build_ro: None,
+            compile_build_bytes: None,
+            stdin: None,
+            timeout: Duration::from_secs(1),
+            limits: POOL_IDLE_LIMITS,
+            tmp_bytes: self.tmp_bytes,
+            pooled: false,
+        };
+        let mut spec = self.spec(&idle, &run_dir.path);
+        spec.pooled = true;
+        let spec = serde_json::to_vec(&spec).map_err(|e| format!("spec: {e}"))?;
+        let (mut child, spec_w, result_r) =
+            spawn_helper(&self.exe).map_err(|e| format!("cannot start the sandbox helper: {e}"))?;
+        let pid = child.id().unwrap_or(0);
+        // Moving a process into a cgroup waits for the kernel (an RCU grace period on
+        // cgroup v1): done here, ahead of the run, on a blocking thread.
+        let cgroups = match &self.containment {
+            Containment::Cgroup(c) => Some(c.clone()),
+            Containment::Rlimit(_) => None,
+        };
+        let cpus = self.cpus;
+        let group = name.clone();
+        let contained = tokio::task::spawn_blocking(move || -> Result<_, String> {
+            let g = match cgroups {
+                Some(c) => Some(contain_in(&c, &POOL_IDLE_LIMITS, cpus, pid, &group)?),
+                None => None,
+            };
+            // A small spec on a fresh pipe: it fits its buffer, the write does not block.
+            let mut w = std::fs::File::from(spec_w);
+            if let Err(e) = w.write_all(&spec) {
+                if let Some(g) = &g {
+                    g.remove_now();
+                }
+                return Err(format!("cannot send the sandbox its spec: {e}"));
+            }
+            Ok(g)
+        })
+        .await
+        .map_err(|e| format!("pool: {e}"));
+        match contained.and_then(|r| r) {
+            Ok(cgroup) => Ok(Warm {
+                child,
+                cgroup,
+                run_dir,
+                result_r,
+                name,
+            }),
+            Err(e) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// A ready pooled sandbox, if there is one (dead ones are discarded); wakes the refill.
+    async fn take_warm(&self) -> Option<Warm> {
+        if self.pool.size == 0 {
+            return None;
+        }
+        loop {
+            let w = self.pool.ready.lock().ok()?.pop()?;
+            let mut w = w;
+            match w.child.try_wait() {
+                Ok(None) => return Some(w),
+                _ => {
+                    self.stats.pool_discarded.fetch_add(1, Ordering::Relaxed);
+                    w.discard().await;
+                }
+            }
+        }
+    }
+
+    /// Give a pooled sandbox its run: the run's limits on its cgroup, then its files,
+    /// build and limits as the frame ahead of the program's stdin.
+    fn assign(&self, w: Warm, run: &SandboxRun<'_>) -> Result<Launched, Box<(Warm, String)>> {
+        let spec = self.spec(run, &w.run_dir.path);
+        let (tar, build_bytes) = match &run.build_ro {
+            Some(dir) => {
+                let max = self.judge.build_mb * 1024 * 1024;
+                match build::archive(dir, max) {
+                    Ok(t) => (t, max),
+                    Err(e) => return Err(Box::new((w, format!("cannot read the build: {e}")))),
+                }
+            }
+            None => (Vec::new(), 0),
+        };
+        let assignment = Assignment {
+            files: spec.files,
+            program: spec.program,
+            args: spec.args,
+            env: super::helper::program_env(&spec.path, &spec.env)
+                .into_iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect(),
+            build_bytes,
+            memory_bytes: spec.memory_bytes,
+            max_processes: spec.max_processes,
+            max_file_bytes: spec.max_file_bytes,
+            max_open_files: spec.max_open_files,
+            cpu_secs: spec.cpu_secs,
+        };
+        let frame = match super::helper::assignment_frame(&assignment, &tar) {
+            Ok(f) => f,
+            Err(e) => return Err(Box::new((w, e))),
+        };
+        let mut cpu_base = 0;
+        if let Some(g) = &w.cgroup {
+            if let Err(e) = g.set_limits(&self.cgroup_limits(&run.limits)) {
+                return Err(Box::new((
+                    w,
+                    format!("cannot set the run's limits on its cgroup: {e}"),
+                )));
+            }
+            cpu_base = g.begin();
+        }
+        tracing::debug!(run = %w.name, "pooled sandbox assigned");
+        let Warm {
+            child,
+            cgroup,
+            run_dir,
+            result_r,
+            ..
+        } = w;
+        Ok(Launched {
+            child,
+            cgroup,
+            _run_dir: run_dir,
+            result_r,
+            spec: None,
+            frame,
+            input: run.stdin.unwrap_or_default().as_bytes().to_vec(),
+            cpu_base,
+            pooled: true,
+        })
+    }
+
+    /// Start a helper for this run alone, in a new cgroup.
+    fn launch_cold(&self, run: &SandboxRun<'_>) -> Result<Launched, String> {
+        let name = format!("run-{}", uuid::Uuid::new_v4().simple());
+        // The run's own directory: its sandbox root is made inside, and it goes when the
+        // run ends, however it ends (the guard removes it).
+        let run_dir = RunDir::create(&self.work_dir, &name, self.uid, self.gid)?;
+        let spec =
+            serde_json::to_vec(&self.spec(run, &run_dir.path)).map_err(|e| format!("spec: {e}"))?;
+        let (mut child, spec_w, result_r) =
+            spawn_helper(&self.exe).map_err(|e| format!("cannot start the sandbox helper: {e}"))?;
+        let pid = child.id().unwrap_or(0);
+        // The helper waits for its spec: nothing of the run starts before it is contained.
+        let cgroup = match self.contain(&run.limits, pid, &name) {
+            Ok(g) => g,
+            Err(msg) => {
+                let _ = child.start_kill();
+                return Err(msg);
+            }
+        };
+        Ok(Launched {
+            child,
+            cgroup,
+            _run_dir: run_dir,
+            result_r,
+            spec: Some((spec_w, spec)),
+            frame: Vec::new(),
+            input: run.stdin.unwrap_or_default().as_bytes().to_vec(),
+            cpu_base: 0,
+            pooled: false,
+        })
+    }
+
+    /// At shutdown, after the last run: drain the pool (every prepared sandbox is killed
+    /// and removed), then remove whatever runs left that is still being removed in the
+    /// background (their cgroups and directories), so that a clean stop leaves nothing.
+    async fn drain_pool(&self) {
+        self.pool.stop.cancel();
+        let tasks: Vec<_> = self
+            .pool
+            .tasks
+            .lock()
+            .map(|mut t| t.drain(..).collect())
+            .unwrap_or_default();
+        for t in tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+        let ready: Vec<Warm> = self
+            .pool
+            .ready
+            .lock()
+            .map(|mut r| r.drain(..).collect())
+            .unwrap_or_default();
+        for w in ready {
+            w.discard().await;
+        }
+        let cgroups = match &self.containment {
+            Containment::Cgroup(c) => Some(c.clone()),
+            Containment::Rlimit(_) => None,
+        };
+        let work_dir = self.work_dir.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(c) = cgroups {
+                c.reap();
+            }
+            clear_dir(&work_dir);
+        })
+        .await;
     }
 
     /// Languages that cannot run here, with the reason.
@@ -234,6 +585,7 @@ impl SandboxExecutor {
                 max_output_bytes: 4096,
             },
             tmp_bytes: self.tmp_bytes,
+            pooled: false,
         };
         let out = self
             .run_sandbox(run, "self-test", CancellationToken::new())
@@ -288,6 +640,7 @@ impl SandboxExecutor {
             cpu_secs: cpu_secs + 1,
             tmp_bytes: run.tmp_bytes,
             backstop_secs: secs.max(1) + 2,
+            pooled: false,
         }
     }
 
@@ -337,6 +690,11 @@ impl SandboxExecutor {
             .collect()
     }
 
+    /// The caps of a run's cgroup.
+    fn cgroup_limits(&self, limits: &RunLimits) -> CgroupLimits {
+        cgroup_limits(limits, self.cpus)
+    }
+
     /// The run's cgroup, with the helper (and so everything it starts) inside.
     fn contain(
         &self,
@@ -347,20 +705,7 @@ impl SandboxExecutor {
         let Containment::Cgroup(c) = &self.containment else {
             return Ok(None);
         };
-        let limits = CgroupLimits {
-            memory_bytes: limits.memory_mb * 1024 * 1024,
-            // The helper and the sandbox's init process are in the group too.
-            max_processes: limits.max_processes + 2,
-            cpus: self.cpus,
-        };
-        let g = c
-            .create(name, &limits)
-            .map_err(|e| format!("cannot create the run's cgroup: {e}"))?;
-        if let Err(e) = g.add(pid) {
-            g.remove_now();
-            return Err(format!("cannot move the run into its cgroup: {e}"));
-        }
-        Ok(Some(g))
+        contain_in(c, limits, self.cpus, pid, name).map(Some)
     }
 
     async fn run_sandbox(
@@ -370,45 +715,52 @@ impl SandboxExecutor {
         cancel: CancellationToken,
     ) -> RunOutput {
         let started = Instant::now();
-        let name = format!("run-{}", uuid::Uuid::new_v4().simple());
-        // The run's own directory: its sandbox root is made inside, and it goes when the
-        // run ends, however it ends (the guard removes it).
-        let run_dir = match RunDir::create(&self.work_dir, &name, self.uid, self.gid) {
-            Ok(d) => d,
-            Err(e) => {
-                self.note_error(&e);
-                return RunOutput::executor_error(e, started.elapsed());
+        // An evaluation's run takes a pooled sandbox when one is ready; a compile step's
+        // sandbox differs (a writable /build, its own /tmp size) and is made for it.
+        let warm = match run.pooled {
+            true => self.take_warm().await,
+            false => None,
+        };
+        let launched = match warm.map(|w| self.assign(w, &run)) {
+            Some(Ok(l)) => Ok(l),
+            Some(Err(failed)) => {
+                let (w, e) = *failed;
+                tracing::warn!(error = %e, "a pooled sandbox could not take its run; making one");
+                self.stats.pool_discarded.fetch_add(1, Ordering::Relaxed);
+                w.discard().await;
+                self.launch_cold(&run)
             }
+            None => self.launch_cold(&run),
         };
-        tracing::debug!(eval_id, run = %name, "sandbox run");
-        let spec = match serde_json::to_vec(&self.spec(&run, &run_dir.path)) {
-            Ok(s) => s,
-            Err(e) => return RunOutput::executor_error(format!("spec: {e}"), started.elapsed()),
-        };
-        let (mut child, spec_w, result_r) = match spawn_helper(&self.exe) {
-            Ok(x) => x,
-            Err(e) => {
-                let msg = format!("cannot start the sandbox helper: {e}");
-                self.note_error(&msg);
-                return RunOutput::executor_error(msg, started.elapsed());
-            }
-        };
-        let pid = child.id().unwrap_or(0);
-        // The helper waits for its spec: nothing of the run starts before it is contained.
-        let cgroup = match self.contain(&run.limits, pid, &name) {
-            Ok(g) => g,
+        let Launched {
+            mut child,
+            cgroup,
+            _run_dir,
+            result_r,
+            spec,
+            frame,
+            input,
+            cpu_base,
+            pooled,
+        } = match launched {
+            Ok(l) => l,
             Err(msg) => {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
                 self.note_error(&msg);
                 return RunOutput::executor_error(msg, started.elapsed());
             }
         };
+        tracing::debug!(eval_id, pooled, "sandbox run");
+        let pid = child.id().unwrap_or(0);
         self.stats.runs.add(&[self.limits_mode()], 1);
+        self.stats
+            .sandboxes
+            .add(&[if pooled { "pool" } else { "cold" }], 1);
 
         let spec_task = tokio::spawn(async move {
-            if let Ok(mut w) = tokio::net::unix::pipe::Sender::from_owned_fd(spec_w) {
-                let _ = w.write_all(&spec).await;
+            if let Some((spec_w, spec)) = spec {
+                if let Ok(mut w) = tokio::net::unix::pipe::Sender::from_owned_fd(spec_w) {
+                    let _ = w.write_all(&spec).await;
+                }
             }
         });
         let result_task = tokio::spawn(async move {
@@ -417,10 +769,16 @@ impl SandboxExecutor {
                 Err(_) => Vec::new(),
             }
         });
-        let stdin_bytes = run.stdin.unwrap_or_default().as_bytes().to_vec();
+        let refill = pooled.then(|| self.pool.wake.clone());
         let stdin_task = child.stdin.take().map(|mut w| {
             tokio::spawn(async move {
-                let _ = w.write_all(&stdin_bytes).await;
+                if !frame.is_empty() {
+                    let _ = w.write_all(&frame).await;
+                }
+                if let Some(wake) = refill {
+                    wake.notify_one();
+                }
+                let _ = w.write_all(&input).await;
                 let _ = w.shutdown().await;
             })
         });
@@ -443,7 +801,7 @@ impl SandboxExecutor {
             _ = child.wait() => None,
             _ = tokio::time::sleep(run.timeout) => Some(Stop::TimedOut),
             _ = cancel.cancelled() => Some(Stop::Cancelled),
-            s = watch(cgroup.as_ref(), pid, run.limits, &mut peak_sum) => Some(s),
+            s = watch(cgroup.as_ref(), pid, run.limits, cpu_base, &mut peak_sum) => Some(s),
         };
         if stop.is_some() {
             // Killing the helper kills its child (PDEATHSIG) and with it PID 1 of the
@@ -481,7 +839,7 @@ impl SandboxExecutor {
                 let u = g.usage();
                 (
                     Usage {
-                        cpu_ms: u.cpu_usec.map(|us| us / 1000),
+                        cpu_ms: u.cpu_usec.map(|us| us.saturating_sub(cpu_base) / 1000),
                         memory_peak_kb: u.memory_peak_bytes.map(|b| b / 1024),
                     },
                     u.oom_kills > 0,
@@ -564,8 +922,11 @@ impl SandboxExecutor {
     }
 
     /// Ask each language's toolchain for its version, once (`/api/languages`).
-    pub async fn probe_versions(&self) {
+    async fn probe_versions(&self) {
         for (name, lang) in &self.languages {
+            if self.pool.stop.is_cancelled() {
+                return;
+            }
             let Some(cmd) = &lang.version else { continue };
             let argv = match self.command(cmd, lang, &[], lang.limits.memory_mb) {
                 Ok(a) => a,
@@ -581,9 +942,10 @@ impl SandboxExecutor {
                 timeout: Duration::from_secs(30),
                 limits: lang.limits,
                 tmp_bytes: self.tmp_bytes,
+                pooled: false,
             };
             let out = self
-                .run_sandbox(run, "version", CancellationToken::new())
+                .run_sandbox(run, "version", self.pool.stop.clone())
                 .await;
             // Some print it to stderr (java -version).
             let text = [out.stdout, out.stderr]
@@ -615,13 +977,19 @@ impl SandboxExecutor {
 /// Completes when the run must be stopped for a limit only a watcher can enforce: the
 /// tree's CPU time (from its cgroup) or, without a cgroup, the sum of its processes'
 /// memory (the watchdog). Pending forever when there is nothing to watch.
-async fn watch(cgroup: Option<&RunCgroup>, helper: u32, limits: RunLimits, peak: &mut u64) -> Stop {
+async fn watch(
+    cgroup: Option<&RunCgroup>,
+    helper: u32,
+    limits: RunLimits,
+    cpu_base: u64,
+    peak: &mut u64,
+) -> Stop {
     let memory = limits.memory_mb * 1024 * 1024;
     loop {
         tokio::time::sleep(WATCH_EVERY).await;
         match cgroup {
             Some(g) => {
-                let used_us = g.usage().cpu_usec.unwrap_or(0);
+                let used_us = g.usage().cpu_usec.unwrap_or(0).saturating_sub(cpu_base);
                 if used_us > limits.cpu_ms * 1000 {
                     return Stop::CpuLimit;
                 }
@@ -710,6 +1078,7 @@ impl Executor for SandboxExecutor {
                 timeout: job.timeout,
                 limits: job.limits,
                 tmp_bytes: self.tmp_bytes,
+                pooled: true,
             };
             self.run_sandbox(run, &job.eval_id, cancel).await
         })
@@ -746,6 +1115,7 @@ impl Executor for SandboxExecutor {
                 timeout: job.timeout,
                 limits: job.limits,
                 tmp_bytes: self.judge.compile_tmp_mb * 1024 * 1024,
+                pooled: false,
             };
             let mut out = self.run_sandbox(run, &job.eval_id, cancel).await;
             // The helper's stdout is the frame: how the compiler ended, its output, the build.
@@ -834,8 +1204,17 @@ impl Executor for SandboxExecutor {
                     Containment::Cgroup(_) => None,
                 },
                 work_dir: Some(self.work_dir.display().to_string()),
+                pool: (self.pool.size > 0).then(|| super::PoolHealth {
+                    size: self.pool.size,
+                    ready: self.pool_len(),
+                    last_error: self.pool.last_error.lock().ok().and_then(|e| e.clone()),
+                }),
             }
         })
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.drain_pool())
     }
 
     fn metrics(&self, e: &mut Exposition) {
@@ -855,12 +1234,65 @@ impl Executor for SandboxExecutor {
             "Runs the memory watchdog killed (hosts without a cgroup for the runs).",
             self.stats.watchdog_kills.load(Ordering::Relaxed),
         );
+        e.labeled(
+            "crucible_sandbox_sources_total",
+            "Sandbox runs by how their sandbox was had (pool: prepared ahead; cold: made for the run).",
+            &["source"],
+            &self.stats.sandboxes,
+        );
+        e.gauge(
+            "crucible_sandbox_pool_ready",
+            "Sandboxes prepared ahead and ready now.",
+            self.pool_len() as f64,
+        );
+        e.counter(
+            "crucible_sandbox_pool_discarded_total",
+            "Pooled sandboxes found dead when taken or unable to take their run.",
+            self.stats.pool_discarded.load(Ordering::Relaxed),
+        );
         e.counter(
             "crucible_cpu_limit_kills_total",
             "Runs killed for using up their CPU time (limits.cpu_ms).",
             self.stats.cpu_kills.load(Ordering::Relaxed),
         );
     }
+}
+
+/// What a pooled sandbox may use while it waits for its run (its helper and the
+/// sandbox's first process; the run's own limits replace these when it is assigned).
+const POOL_IDLE_LIMITS: RunLimits = RunLimits {
+    memory_mb: 64,
+    cpu_ms: 10_000,
+    max_processes: 2,
+    max_output_bytes: 0,
+};
+
+/// The caps of a run's cgroup.
+fn cgroup_limits(limits: &RunLimits, cpus: f64) -> CgroupLimits {
+    CgroupLimits {
+        memory_bytes: limits.memory_mb * 1024 * 1024,
+        // The helper and the sandbox's init process are in the group too.
+        max_processes: limits.max_processes + 2,
+        cpus,
+    }
+}
+
+/// A new cgroup `name` with `limits`, and the process `pid` inside.
+fn contain_in(
+    c: &Cgroups,
+    limits: &RunLimits,
+    cpus: f64,
+    pid: u32,
+    name: &str,
+) -> Result<RunCgroup, String> {
+    let g = c
+        .create(name, &cgroup_limits(limits, cpus))
+        .map_err(|e| format!("cannot create the run's cgroup: {e}"))?;
+    if let Err(e) = g.add(pid) {
+        g.remove_now();
+        return Err(format!("cannot move the run into its cgroup: {e}"));
+    }
+    Ok(g)
 }
 
 /// A run's directory under the work dir, removed when dropped (in the background): the
@@ -1026,16 +1458,7 @@ fn prepare_work_dir(dir: &Path, uid: u32, gid: u32) -> Result<(), String> {
                 meta.uid()
             ));
         }
-        if let Ok(entries) = std::fs::read_dir(dir) {
-            for e in entries.flatten() {
-                let p = e.path();
-                let _ = if p.is_dir() && !p.is_symlink() {
-                    std::fs::remove_dir_all(&p)
-                } else {
-                    std::fs::remove_file(&p)
-                };
-            }
-        }
+        clear_dir(dir);
     } else {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create sandbox work dir {}: {e}", dir.display()))?;
@@ -1049,6 +1472,20 @@ fn prepare_work_dir(dir: &Path, uid: u32, gid: u32) -> Result<(), String> {
             .map_err(|e| format!("cannot hand {} to uid {uid}: {e}", dir.display()))?;
     }
     Ok(())
+}
+
+/// Remove everything in `dir` (links are removed, never followed).
+fn clear_dir(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            let _ = if p.is_dir() && !p.is_symlink() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+        }
+    }
 }
 
 /// The default work directory. Sandbox roots are many small directories and files made

@@ -154,7 +154,8 @@ async fn an_idempotency_key_reused_for_another_request_is_a_conflict() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_leave_no_directory_behind_however_they_end() {
-    let s = Server::start("workers = 2").await;
+    // Sandboxes made for their run (pooled ones: tests/integration/pool.rs).
+    let s = Server::start("workers = 2\n[sandbox]\npool = 0").await;
     let work = std::path::PathBuf::from(
         s.health().await["executor"]["work_dir"]
             .as_str()

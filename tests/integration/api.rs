@@ -565,7 +565,11 @@ async fn a_read_with_wait_answers_when_the_evaluation_ends() {
     assert_eq!(rec["status"], "completed", "{rec}");
     assert_eq!(rec["output"], "waited\n");
     let r = s.get(&format!("/api/eval-status/{id}?wait=5")).await;
-    assert_eq!(r.json().expect("json"), rec, "a terminal record answers at once");
+    assert_eq!(
+        r.json().expect("json"),
+        rec,
+        "a terminal record answers at once"
+    );
 
     // A wait that runs out: the record as it stands.
     let long = s.submit(json!({"code": LONG_SLEEP, "timeout": 300})).await;
@@ -581,11 +585,16 @@ async fn a_read_with_wait_answers_when_the_evaluation_ends() {
         let path = format!("/api/eval/{long}?wait=60");
         tokio::spawn(async move { c.get(&path).await.expect("GET") })
     };
-    let c = s.post(&format!("/api/eval/{long}/cancel"), &json!({})).await;
+    let c = s
+        .post(&format!("/api/eval/{long}/cancel"), &json!({}))
+        .await;
     assert_eq!(c.status, 200, "{}", c.text());
     let r = waiter.await.expect("join");
     assert_eq!(r.json().expect("json")["status"], "cancelled");
-    assert!(started.elapsed().as_secs() < 50, "the cancel did not wake the reader");
+    assert!(
+        started.elapsed().as_secs() < 50,
+        "the cancel did not wake the reader"
+    );
 
     // Bad input.
     for q in ["wait=-1", "wait=abc", "wait=", "wait=NaN", "wait=inf"] {
@@ -597,6 +606,8 @@ async fn a_read_with_wait_answers_when_the_evaluation_ends() {
     }
     let r = s.get(&format!("/api/eval/{id}?wiat=5")).await;
     assert_eq!(r.status, 422, "{}", r.text());
-    let r = s.get("/api/eval/01890000-0000-7000-8000-000000000000?wait=1").await;
+    let r = s
+        .get("/api/eval/01890000-0000-7000-8000-000000000000?wait=1")
+        .await;
     assert_eq!(r.status, 404, "{}", r.text());
 }

@@ -354,7 +354,7 @@ impl Server {
 
     pub async fn record(&self, id: &str) -> Value {
         let r = self.get(&format!("/api/eval/{id}")).await;
-        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.status, 200, "{}\n{}", r.text(), self.log());
         r.json().expect("json")
     }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 /// The directories under which the server makes its runs' cgroups (v1: one per
 /// hierarchy, under the server's own cgroup there, which is the test's).
-async fn run_cgroup_bases(s: &Server) -> Vec<PathBuf> {
+pub(crate) async fn run_cgroup_bases(s: &Server) -> Vec<PathBuf> {
     let node = s.health().await["node"].as_str().expect("node").to_string();
     let own = std::fs::read_to_string("/proc/self/cgroup").expect("own cgroup");
     let mut out = Vec::new();
@@ -37,7 +37,7 @@ async fn run_cgroup_bases(s: &Server) -> Vec<PathBuf> {
 }
 
 /// Run cgroups (`run-*`) present under `bases`.
-fn run_cgroups(bases: &[PathBuf]) -> Vec<PathBuf> {
+pub(crate) fn run_cgroups(bases: &[PathBuf]) -> Vec<PathBuf> {
     bases
         .iter()
         .flat_map(|b| std::fs::read_dir(b).into_iter().flatten().flatten())
@@ -199,7 +199,8 @@ async fn eight_cpu_burners_get_one_cpu() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timed_out_run_leaves_no_process_and_no_cgroup() {
-    let s = Server::start("").await;
+    // Sandboxes made for their run (pooled ones: tests/integration/pool.rs).
+    let s = Server::start("[sandbox]\npool = 0").await;
     let bases = run_cgroup_bases(&s).await;
     assert!(bases.len() >= 2, "run cgroup bases: {bases:?}");
     let m = marker(22);

@@ -15,6 +15,7 @@ mod docker;
 mod hostile;
 mod judge;
 mod ops;
+mod pool;
 mod postgres;
 mod redis_rr;
 mod redis_sink;
