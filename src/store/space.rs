@@ -72,8 +72,10 @@ pub fn insufficient(free: u64, reserve: u64) -> StoreError {
     }
 }
 
-/// The largest ballast: enough for the results of the running evaluations.
-const BALLAST_MAX: u64 = 16 * 1024 * 1024;
+/// The largest ballast: enough for the results of the running evaluations, i.e. for a
+/// few flushes near large records (the writer's bound for one can reach 15 MiB with
+/// records of 200 kB: sled rewrites whole leaves of them).
+const BALLAST_MAX: u64 = 32 * 1024 * 1024;
 
 /// Measures free space every `every`; while the store is unhealthy (a write failed),
 /// pings the writer, which reopens the database before answering.

@@ -11,7 +11,7 @@ use super::{
 use crate::events::{Confirmation, Event, EventType};
 use crate::model::{now, Evaluation, Finish, NewEvaluation, Status, TransitionError};
 use crate::ops::metrics::Histogram;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -93,12 +93,35 @@ struct Pending<'a> {
     by_status: [u64; 5],
     pruned_upto: u64,
     events: u64,
-    /// Bytes of keys and values in the batch (to check there is room for it).
-    bytes: u64,
+    /// Every key the batch writes or removes, with the length of its new value (0 for a
+    /// removal): what [`flush_bound`] needs to bound what sled writes for the batch.
+    written: BTreeMap<Vec<u8>, u64>,
 }
 
-/// Room a batch needs beyond its own bytes: sled may start a new 512 KiB log segment.
-const SEGMENT_SLACK: u64 = 1024 * 1024;
+/// sled 0.34's log segment (its default `segment_size`, which the store keeps): an I/O
+/// buffer that fills is written whole, padding included, and the next one starts a new
+/// segment; a value (or a whole node) larger than a quarter of it is written as a blob
+/// file of its own instead.
+const SEGMENT: u64 = 512 * 1024;
+
+/// Room any flush needs beyond what [`flush_bound`] counts for its nodes: the segment
+/// being filled and a new one.
+const SEGMENT_SLACK: u64 = 2 * SEGMENT;
+
+/// sled splits a leaf once it holds more than 16 entries, on the next traversal of it:
+/// a leaf never holds more than this many.
+const LEAF_ENTRIES: usize = 17;
+
+/// What sled adds to each entry of a serialized node or fragment (lengths, header).
+const ENTRY_OVERHEAD: u64 = 32;
+
+/// An index node (up to 256 children with short keys) rewritten by a split or a merge.
+const INDEX_NODE: u64 = 64 * 1024;
+
+/// Above this much free space the exact bound is not computed: a flush writing a GiB
+/// would need leaves of 17 values of about 30 MiB each (records are bounded far below
+/// that by `http.max_body_bytes` and the output limits).
+const FAR_FROM_FULL: u64 = 1 << 30;
 
 /// The answer to one operation, sent once the batch's flush is known: the flush error
 /// if it failed, else the operation's own result.
@@ -200,7 +223,7 @@ impl Writer {
                 .map(|c| c.load(Ordering::SeqCst)),
             pruned_upto: 0,
             events: 0,
-            bytes: 0,
+            written: BTreeMap::new(),
         };
         let mut answers: Vec<Answer> = Vec::with_capacity(cmds.len());
         let mut backups: Vec<(Tx<super::BackupInfo>, std::path::PathBuf)> = Vec::new();
@@ -213,18 +236,20 @@ impl Writer {
         }
         let new_seq = p.next_seq;
         if new_seq != self.last_seq {
-            p.batch.insert(keys::META_HEAD, &new_seq.to_be_bytes());
+            p.insert(keys::META_HEAD, new_seq.to_be_bytes());
         }
         let (depth, running, by_status, events) = (p.depth, p.running, p.by_status, p.events);
         let (evaluations, evaluations_pruned) = (p.evaluations, p.evaluations_pruned);
-        let batch = p.batch;
+        let Pending { batch, written, .. } = p;
         // sled must never meet a full disk: after a failed write it keeps the error
         // forever and cannot even be closed cleanly. So a batch is applied only when the
-        // filesystem has room for it (its bytes twice, for the log and a rewrite of its
-        // pages, plus a new log segment); else it is refused before sled sees it, the
-        // store stays sound, and the same write succeeds once space is back.
-        if p.bytes > 0 {
-            if let Err(e) = self.ensure_room(p.bytes) {
+        // filesystem has room for everything sled may write for it (see `flush_bound`:
+        // not only its own bytes but the whole leaves it touches, rewritten when sled
+        // consolidates, splits or merges them, often as blob files); else it is refused
+        // before sled sees it, the store stays sound, and the same write succeeds once
+        // space is back.
+        if !written.is_empty() {
+            if let Err(e) = self.ensure_room(&h.tree, &written) {
                 for a in answers {
                     a(Err(e.clone()));
                 }
@@ -236,11 +261,13 @@ impl Writer {
                 return;
             }
         }
-
         let stats = &self.shared.stats;
         // Readers wait for the flush of anything they may see from here on.
         self.shared.applying.store(new_seq, Ordering::SeqCst);
-        let applied = h.tree.apply_batch(batch);
+        let applied = h
+            .tree
+            .apply_batch(batch)
+            .and_then(|_| settle_nodes(&h.tree, &written));
         crate::ops::failpoint::hit("store.before_flush");
         let t = Instant::now();
         let flushed = applied.and_then(|_| h.db.flush());
@@ -377,12 +404,24 @@ impl Writer {
         Ok(info)
     }
 
-    /// Whether the filesystem has room for a batch of `bytes`. Below that, the ballast
-    /// file kept for this moment is given back first; if that is not enough either, the
-    /// batch is refused.
-    fn ensure_room(&mut self, bytes: u64) -> Result<(), StoreError> {
-        let need = bytes.saturating_mul(2) + SEGMENT_SLACK;
+    /// Whether the filesystem has room for what sled may write for a batch writing
+    /// `written` (see [`flush_bound`]). Below that, the ballast file kept for this moment
+    /// is given back first; if that is not enough either, the batch is refused.
+    fn ensure_room(
+        &mut self,
+        tree: &sled::Tree,
+        written: &BTreeMap<Vec<u8>, u64>,
+    ) -> Result<(), StoreError> {
         let mut free = super::space::free_bytes(&self.path).unwrap_or(u64::MAX);
+        let own: u64 = written
+            .iter()
+            .map(|(k, v)| k.len() as u64 + v + ENTRY_OVERHEAD)
+            .sum();
+        if free >= FAR_FROM_FULL.saturating_add(own.saturating_mul(2)) {
+            self.shared.free_bytes.store(free, Ordering::SeqCst);
+            return Ok(());
+        }
+        let need = flush_bound(tree, written)?;
         if free < need && super::space::release_ballast(&self.path) {
             tracing::warn!(
                 free_bytes = free,
@@ -595,6 +634,20 @@ impl Pending<'_> {
         }
     }
 
+    /// Put `key` -> `value` in the batch, and note it for the room check.
+    fn insert(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
+        let (key, value) = (key.as_ref(), value.as_ref());
+        self.written.insert(key.to_vec(), value.len() as u64);
+        self.batch.insert(key, value);
+    }
+
+    /// Remove `key` in the batch, and note it for the room check.
+    fn remove(&mut self, key: impl AsRef<[u8]>) {
+        let key = key.as_ref();
+        self.written.insert(key.to_vec(), 0);
+        self.batch.remove(key);
+    }
+
     fn load(&self, id: &str) -> Result<Option<Evaluation>, StoreError> {
         if let Some(e) = self.evals.get(id) {
             return Ok(Some(e.clone()));
@@ -617,23 +670,22 @@ impl Pending<'_> {
         let rec_json = json(&rec);
         let seq = self.append_event(kind, &rec, &rec_json);
         if rec.status.is_terminal() && prev.is_some_and(|p| !p.is_terminal()) {
-            self.batch.insert(keys::terminal(seq, &rec.eval_id), &[]);
+            self.insert(keys::terminal(seq, &rec.eval_id), b"");
         }
         match prev {
             None => self.by_status[rec.status.index()] += 1,
             Some(old) if old != rec.status => {
-                self.batch.remove(keys::status(old.code(), rec.created_seq));
+                self.remove(keys::status(old.code(), rec.created_seq));
                 self.by_status[old.index()] = self.by_status[old.index()].saturating_sub(1);
                 self.by_status[rec.status.index()] += 1;
             }
             Some(_) => {}
         }
-        self.batch.insert(
+        self.insert(
             keys::status(rec.status.code(), rec.created_seq),
             rec.eval_id.as_bytes(),
         );
-        self.bytes += rec_json.len() as u64 + 64;
-        self.batch.insert(keys::eval(&rec.eval_id), rec_json);
+        self.insert(keys::eval(&rec.eval_id), rec_json);
         let id = rec.eval_id.clone();
         self.evals.entry(id).insert_entry(rec).into_mut()
     }
@@ -654,8 +706,7 @@ impl Pending<'_> {
             },
             rec_json,
         );
-        self.bytes += event_json.len() as u64 + 16;
-        self.batch.insert(keys::log(seq), event_json);
+        self.insert(keys::log(seq), event_json);
         self.events += 1;
         seq
     }
@@ -735,9 +786,8 @@ impl Pending<'_> {
         }
         if let (Some(k), Some(first)) = (idem_key, out.first()) {
             let value = keys::idem_value(&first.eval_id, &k.fingerprint);
-            self.batch.insert(keys::idem(&k.key), value.as_bytes());
-            self.batch
-                .insert(keys::idem_of(&first.eval_id), k.key.as_bytes());
+            self.insert(keys::idem(&k.key), value.as_bytes());
+            self.insert(keys::idem_of(&first.eval_id), k.key.as_bytes());
             self.idem
                 .insert(k.key, (first.eval_id.clone(), k.fingerprint));
         }
@@ -814,7 +864,7 @@ impl Pending<'_> {
     }
 
     fn put_cursor(&mut self, sink: &str, seq: u64) {
-        self.batch.insert(keys::cursor(sink), &seq.to_be_bytes());
+        self.insert(keys::cursor(sink), seq.to_be_bytes());
         self.cursors.insert(sink.to_string(), seq);
     }
 
@@ -838,8 +888,7 @@ impl Pending<'_> {
             event,
         };
         let dl = json(&dl);
-        self.bytes += dl.len() as u64 + 64;
-        self.batch.insert(keys::dead(sink, seq), dl);
+        self.insert(keys::dead(sink, seq), dl);
         let cur = self.cursor_of(sink)?.unwrap_or(0);
         if seq > cur {
             self.put_cursor(sink, seq);
@@ -889,7 +938,7 @@ impl Pending<'_> {
                 if stamp.timestamp.as_str() >= older_than {
                     break;
                 }
-                self.batch.remove(k);
+                self.remove(k);
                 self.pruned_upto = seq;
                 removed += 1;
             }
@@ -929,7 +978,7 @@ impl Pending<'_> {
             let id = String::from_utf8_lossy(&rest[8..]).to_string();
             let Some(rec) = self.load(&id)? else {
                 // A record already gone: drop its index entry.
-                self.batch.remove(k);
+                self.remove(k);
                 continue;
             };
             let over = keep > 0 && self.evaluations > keep;
@@ -938,10 +987,9 @@ impl Pending<'_> {
             if !(over || old) {
                 break; // everything after it ended later
             }
-            self.batch.remove(keys::eval(&id));
-            self.batch
-                .remove(keys::status(rec.status.code(), rec.created_seq));
-            self.batch.remove(k);
+            self.remove(keys::eval(&id));
+            self.remove(keys::status(rec.status.code(), rec.created_seq));
+            self.remove(k);
             if let Some(key) = self.tree.get(keys::idem_of(&id))? {
                 let ik = keys::idem(&String::from_utf8_lossy(&key));
                 if self
@@ -949,16 +997,15 @@ impl Pending<'_> {
                     .get(&ik)?
                     .is_some_and(|v| keys::parse_idem_value(&v).0 == id)
                 {
-                    self.batch.remove(ik);
+                    self.remove(ik);
                 }
-                self.batch.remove(keys::idem_of(&id));
+                self.remove(keys::idem_of(&id));
             }
             self.evals.remove(&id);
             self.evaluations = self.evaluations.saturating_sub(1);
             let i = rec.status.index();
             self.by_status[i] = self.by_status[i].saturating_sub(1);
             self.evaluations_pruned += 1;
-            self.bytes += 64;
             removed += 1;
         }
         Ok(removed)
@@ -978,6 +1025,121 @@ impl Pending<'_> {
         self.put_cursor(sink, cursor);
         Ok(cursor)
     }
+}
+
+/// A bound of the bytes sled may add to the filesystem when the batch writing `written`
+/// (key -> new value length, 0 for a removal) is applied, its nodes settled
+/// ([`settle_nodes`]) and flushed.
+///
+/// sled does not write key/value pairs but B-tree nodes. An insert normally adds a
+/// fragment (the pair) to its leaf, but every 10th fragment the whole leaf is rewritten
+/// (consolidated); a leaf that grew past 16 entries is split (both halves and the parent
+/// rewritten) and one that shrank below 4 is merged into its neighbour (rewritten whole);
+/// each such rewrite also lets the segment cleaner rewrite one more node; anything larger
+/// than 128 KiB (a large value, or a leaf holding a few) goes to a blob file of its own,
+/// and the blobs it replaces are deleted only once the current log segment is full. So
+/// one small update next to large records can write several MiB.
+///
+/// The written keys are taken in clusters (keys fewer than 17 stored entries apart may
+/// share a leaf). A cluster's leaves all lie within its region: its keys and the 16
+/// entries on either side. Counted: the fragments; every leaf of the region rewritten
+/// once, and once more per 10 writes; a split per 8 new keys and a merge per 4 removed
+/// ones, each the size of the largest leaf possible there (17 consecutive entries) plus
+/// a parent index node; two such leaves for the segment cleaner; two log segments.
+fn flush_bound(tree: &sled::Tree, written: &BTreeMap<Vec<u8>, u64>) -> sled::Result<u64> {
+    use std::ops::Bound::{Excluded, Included, Unbounded};
+    let near = LEAF_ENTRIES - 1;
+    let entry = |k: &[u8], v: u64| k.len() as u64 + v + ENTRY_OVERHEAD;
+    let mut need = SEGMENT_SLACK;
+    let mut largest = 0u64;
+    let keys: Vec<&Vec<u8>> = written.keys().collect();
+    let mut i = 0;
+    while i < keys.len() {
+        // Grow the cluster while the next written key is within `near` stored entries.
+        let mut j = i;
+        while j + 1 < keys.len() {
+            let between = tree
+                .range::<&[u8], _>((
+                    Excluded(keys[j].as_slice()),
+                    Excluded(keys[j + 1].as_slice()),
+                ))
+                .take(near)
+                .count();
+            if between >= near {
+                break;
+            }
+            j += 1;
+        }
+        let (first, last) = (keys[i].as_slice(), keys[j].as_slice());
+        // The region: `near` entries before, the cluster's span, `near` after; stored
+        // entries and the batch's, each at the larger of its old and new size.
+        let mut region: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+        for item in tree
+            .range::<&[u8], _>((Unbounded, Excluded(first)))
+            .rev()
+            .take(near)
+        {
+            let (k, v) = item?;
+            region.insert(k.to_vec(), entry(&k, v.len() as u64));
+        }
+        for item in tree.range::<&[u8], _>((Included(first), Included(last))) {
+            let (k, v) = item?;
+            region.insert(k.to_vec(), entry(&k, v.len() as u64));
+        }
+        for item in tree
+            .range::<&[u8], _>((Excluded(last), Unbounded))
+            .take(near)
+        {
+            let (k, v) = item?;
+            region.insert(k.to_vec(), entry(&k, v.len() as u64));
+        }
+        let (mut writes, mut new_keys, mut removed) = (0u64, 0u64, 0u64);
+        for k in &keys[i..=j] {
+            let len = written[*k];
+            let e = region.entry(k.to_vec()).or_insert(0);
+            if *e == 0 {
+                new_keys += 1;
+            }
+            if len == 0 {
+                removed += 1;
+            }
+            *e = (*e).max(entry(k, len));
+            writes += 1;
+            need = need.saturating_add(entry(k, len));
+        }
+        let sizes: Vec<u64> = region.values().copied().collect();
+        let region_bytes: u64 = sizes.iter().sum();
+        let leaf = sizes
+            .windows(LEAF_ENTRIES.min(sizes.len()).max(1))
+            .map(|w| w.iter().sum::<u64>())
+            .max()
+            .unwrap_or(0);
+        largest = largest.max(leaf);
+        let splits = if new_keys > 0 { 1 + new_keys / 8 } else { 0 };
+        let merges = if removed > 0 { 1 + removed / 4 } else { 0 };
+        let rewrites = writes / 10 + splits + merges;
+        need = need
+            .saturating_add(region_bytes)
+            .saturating_add(leaf.saturating_mul(rewrites))
+            .saturating_add(INDEX_NODE.saturating_mul(1 + splits + merges));
+        i = j + 1;
+    }
+    // The segment cleaner rewrites one node per node rewrite, and may pick any node with
+    // a fragment in a half-empty segment. Not knowable from here; this allows for two
+    // nodes as large as the largest leaf the batch touches (the store's writes cluster
+    // at the right edge of each key range, where the cleaned nodes were written too).
+    Ok(need.saturating_add(largest.saturating_mul(2)))
+}
+
+/// Traverse to every key the batch wrote, so that the splits and merges it made due
+/// happen here, in the writer and before its flush (and within [`flush_bound`]), and
+/// not later in whichever reader next walks that leaf: a reader must never write (a
+/// large leaf splits into blob files of megabytes, written at once, with no room check).
+fn settle_nodes(tree: &sled::Tree, written: &BTreeMap<Vec<u8>, u64>) -> sled::Result<()> {
+    for key in written.keys() {
+        tree.get(key)?;
+    }
+    Ok(())
 }
 
 /// Wait (a few seconds at most) until nothing in this process holds the sled lock on
