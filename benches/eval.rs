@@ -9,6 +9,10 @@
 //! - a C `int main(){return 0;}` already compiled (a compile-cache hit) against the same
 //!   binary run bare.
 //!
+//! - judging: a C program and a Python program, each judged against 100 tests end to end
+//!   (C compiled each time: a fresh source), against the same compile + 100 bare runs fed
+//!   the same stdin, outputs compared (`ONLY=judge` runs only this part).
+//!
 //! Run: `cargo bench --bench eval` (env `RUNS`, default 30; `BENCH_CONFIG` adds config,
 //! e.g. `BENCH_CONFIG=$'[sandbox]\npool = 0'` for the numbers without the pool). The report
 //! is printed and written to `target/bench-eval.md`.
@@ -151,6 +155,112 @@ async fn throughput(c: &Client, body: &Value, total: usize) -> f64 {
     total as f64 / t.elapsed().as_secs_f64()
 }
 
+/// Doubles the number on stdin.
+const JUDGE_C: &str = "#include <stdio.h>\nint main(void){long x; if (scanf(\"%ld\", &x) != 1) return 1; printf(\"%ld\\n\", 2 * x); return 0;}\n";
+const JUDGE_PY: &str = "print(2 * int(input()))\n";
+const TESTS: usize = 100;
+
+/// One judged evaluation with `TESTS` tests: ms end to end (asserts every test passed).
+async fn judged(c: &Client, language: &str, code: &str) -> f64 {
+    let tests: Vec<Value> = (0..TESTS)
+        .map(|i| json!({"stdin": format!("{i}\n"), "expected_output": format!("{}\n", 2 * i)}))
+        .collect();
+    let body = json!({"language": language, "code": code, "tests": tests, "timeout": 5});
+    let (t, rec) = one(c, &body, Wait::LongPoll).await;
+    assert_eq!(rec["status"], "completed", "{rec}");
+    assert_eq!(rec["success"], true, "{rec}");
+    t
+}
+
+/// The same bare: (compile, if any) + `TESTS` runs with the same stdin, output compared.
+fn judged_bare(argv: &[&str], compile: Option<&[&str]>) -> f64 {
+    use std::io::Write as _;
+    let t = Instant::now();
+    if let Some(cc) = compile {
+        let ok = Command::new(cc[0])
+            .args(&cc[1..])
+            .status()
+            .expect("compile");
+        assert!(ok.success());
+    }
+    for i in 0..TESTS {
+        let mut child = Command::new(argv[0])
+            .args(&argv[1..])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("bare run");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(format!("{i}\n").as_bytes())
+            .expect("stdin");
+        let out = child.wait_with_output().expect("wait");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{}\n", 2 * i));
+    }
+    ms(t)
+}
+
+fn judge_section(rt: &tokio::runtime::Runtime, dir: &Path, out: &mut String) {
+    let trials = 5;
+    let s = start(rt, "workers = 2");
+    let c = s.client.clone();
+    let py_file = dir.join("judge.py");
+    std::fs::write(&py_file, JUDGE_PY).expect("write");
+    let py = py_file.to_string_lossy().to_string();
+    let c_src = dir.join("judge.c");
+    let c_bin = dir.join("judge");
+    let (c_src_s, c_bin_s) = (
+        c_src.to_string_lossy().to_string(),
+        c_bin.to_string_lossy().to_string(),
+    );
+    let gcc = [
+        "gcc",
+        "-O2",
+        "-pipe",
+        "-std=gnu17",
+        "-o",
+        c_bin_s.as_str(),
+        c_src_s.as_str(),
+        "-lm",
+    ];
+    let (mut ours_c, mut bare_c, mut ours_py, mut bare_py) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    rt.block_on(async {
+        judged(&c, "python", JUDGE_PY).await;
+    });
+    for trial in 0..trials + 1 {
+        // A fresh source each time: the compile is part of both columns.
+        let code = format!("{JUDGE_C}/* {trial} {} */\n", std::process::id());
+        std::fs::write(&c_src, &code).expect("write");
+        let b = judged_bare(&[c_bin_s.as_str()], Some(&gcc));
+        let o = rt.block_on(judged(&c, "c", &code));
+        let bp = judged_bare(&["/usr/bin/python3", "-E", "-s", "-B", py.as_str()], None);
+        let op = rt.block_on(judged(&c, "python", JUDGE_PY));
+        if trial > 0 {
+            bare_c.push(b);
+            ours_c.push(o);
+            bare_py.push(bp);
+            ours_py.push(op);
+        }
+    }
+    drop(s);
+    let _ = writeln!(
+        out,
+        "\n### Judging: {TESTS} tests per evaluation, end to end (median of {trials})\n"
+    );
+    let _ = writeln!(out, "| program | bare: compile + {TESTS} runs, ms | crucible: one evaluation with {TESTS} tests, ms | ratio |");
+    let _ = writeln!(out, "|---|---|---|---|");
+    for (what, b, o) in [
+        ("C (gcc -O2, compiled each time)", &bare_c, &ours_c),
+        ("Python", &bare_py, &ours_py),
+    ] {
+        let (b, o) = (median(b), median(o));
+        let _ = writeln!(out, "| {what} | {b:.0} | {o:.0} | {:.2}x |", o / b);
+    }
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
@@ -199,6 +309,12 @@ fn main() {
         machine(),
         config.replace('\n', "; ")
     );
+
+    if std::env::var("ONLY").is_ok_and(|v| v == "judge") {
+        judge_section(&rt, dir.path(), &mut out);
+        print!("{out}");
+        return;
+    }
 
     // Latency, one at a time.
     let py = json!({"code": PY, "timeout": 10});
@@ -294,6 +410,7 @@ fn main() {
         let bare = bare_throughput(&bare_py, n, total);
         let _ = writeln!(out, "| {n} | {bare:.0} | {ours:.0} | {:.2} |", ours / bare);
     }
+    judge_section(&rt, dir.path(), &mut out);
     print!("{out}");
     let _ = std::fs::create_dir_all("target");
     let _ = std::fs::write(Path::new("target").join("bench-eval.md"), out);

@@ -2,7 +2,7 @@
 //! any executor. It compiles the program once (or takes it from the compile cache), then
 //! runs it once (no tests), or once per test with that test's stdin, each run in a fresh
 //! sandbox, compares each output with the expected one, and records each judged test as
-//! an `evaluation:progress` event before the next starts. It returns the terminal
+//! an `evaluation:progress` event (written while the next test runs, in order). It returns the terminal
 //! transition; the queue worker records it.
 //!
 //! It never writes the store except through the store's operations.
@@ -297,10 +297,15 @@ impl Judge {
     ) -> Result<Vec<TestCase>, Stop> {
         let mut tests = rec.tests.clone();
         let mut failed = false;
+        // Each judged test's progress event is written while the next test runs (the
+        // store's writer keeps them in order; the next one is sent only once the previous
+        // one is on disk), so a test's durable write does not delay the next test.
+        let mut pending: Option<(usize, ProgressWrite<'_>)> = None;
         for (i, test) in rec.tests.iter().enumerate() {
-            let outcome = if failed && rec.stop_on_failure {
-                TestOutcome::skipped()
-            } else {
+            let run = async {
+                if failed && rec.stop_on_failure {
+                    return Ok(TestOutcome::skipped());
+                }
                 let out = self
                     .executor
                     .run(&job(test.stdin.clone(), test.timeout), cancel.clone())
@@ -310,26 +315,33 @@ impl Judge {
                     Termination::ExecutorError(e) => return Err(Stop::Executor(e.clone())),
                     _ => {}
                 }
-                judge_test(&out, test, rec, self.cfg.judge.test_output_bytes)
+                Ok(judge_test(
+                    &out,
+                    test,
+                    rec,
+                    self.cfg.judge.test_output_bytes,
+                ))
             };
+            let previous = async {
+                match pending.take() {
+                    Some((j, write)) => progress_written(&rec.eval_id, j, write.await),
+                    None => Ok(()),
+                }
+            };
+            let (outcome, previous) = tokio::join!(run, previous);
+            previous?;
+            let outcome = outcome?;
             self.stats.verdicts.add(&[outcome.verdict.as_str()], 1);
             failed |= outcome.verdict != Verdict::Accepted;
             tests[i] = test.judged(&outcome);
             let first = (i == 0).then_some(compile.as_ref()).flatten();
-            match store
-                .progress(&rec.eval_id, i, outcome, first.cloned())
-                .await
-            {
-                Ok(_) => {}
-                Err(StoreError::AlreadyTerminal(_))
-                | Err(StoreError::WrongState(..))
-                | Err(StoreError::NotFound)
-                | Err(StoreError::Closed) => return Err(Stop::Gone),
-                // The final record carries every result anyway.
-                Err(e) => {
-                    tracing::warn!(eval_id = %rec.eval_id, test = i, error = %e, "cannot record a test's progress")
-                }
-            }
+            pending = Some((
+                i,
+                Box::pin(store.progress(&rec.eval_id, i, outcome, first.cloned())),
+            ));
+        }
+        if let Some((j, write)) = pending {
+            progress_written(&rec.eval_id, j, write.await)?;
         }
         Ok(tests)
     }
@@ -398,6 +410,32 @@ fn cut(bytes: &[u8], keep: usize) -> (String, bool) {
         end -= 1;
     }
     (text[..end].to_string(), true)
+}
+
+/// A test's progress event on its way to the store.
+type ProgressWrite<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Evaluation, StoreError>> + Send + 'a>,
+>;
+
+/// What a test's progress write means for the rest of the run: the evaluation is gone
+/// (cancelled, finished elsewhere) or not; another failure is logged (the final record
+/// carries every result anyway).
+fn progress_written(
+    eval_id: &str,
+    i: usize,
+    r: Result<Evaluation, StoreError>,
+) -> Result<(), Stop> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(StoreError::AlreadyTerminal(_))
+        | Err(StoreError::WrongState(..))
+        | Err(StoreError::NotFound)
+        | Err(StoreError::Closed) => Err(Stop::Gone),
+        Err(e) => {
+            tracing::warn!(eval_id = %eval_id, test = i, error = %e, "cannot record a test's progress");
+            Ok(())
+        }
+    }
 }
 
 /// The verdict of one test run: memory, time and output limits first (what the kernel and
