@@ -313,6 +313,8 @@ pub struct Limits {
     pub tmp_mb: u64,
     /// Open files per process (RLIMIT_NOFILE).
     pub max_open_files: u64,
+    /// The longest a read with `?wait=` is held, in seconds (longer asks are cut to it).
+    pub max_wait_secs: u64,
 }
 
 /// The sled store.
@@ -677,6 +679,7 @@ impl Default for Limits {
             max_file_mb: 16,
             tmp_mb: 16,
             max_open_files: 256,
+            max_wait_secs: 60,
         }
     }
 }
@@ -1068,6 +1071,9 @@ impl Config {
                 "limits.tmp_mb",
                 "tmp_mb and max_file_mb must be at least 1",
             ));
+        }
+        if l.max_wait_secs > 3600 {
+            return Err(invalid("limits.max_wait_secs", "must be at most 3600"));
         }
         if l.max_open_files < 16 {
             return Err(invalid("limits.max_open_files", "must be at least 16"));

@@ -420,10 +420,11 @@ impl Service {
     }
 
     /// The record once it is terminal, or as it stands after `wait` (at most
-    /// [`MAX_WAIT_SECS`]; sooner when the appliance stops). Woken by every durable batch
+    /// `[limits] max_wait_secs`; sooner when the appliance stops). Woken by every durable batch
     /// of the store, so the answer leaves as soon as the terminal state is on disk.
     pub async fn get_waiting(&self, id: &str, wait: Duration) -> Result<Evaluation, ApiError> {
-        let deadline = tokio::time::Instant::now() + wait.min(Duration::from_secs(MAX_WAIT_SECS));
+        let most = Duration::from_secs(self.live.get().limits.max_wait_secs);
+        let deadline = tokio::time::Instant::now() + wait.min(most);
         let mut head = self.store.subscribe_head();
         loop {
             head.borrow_and_update();
@@ -477,9 +478,6 @@ impl Service {
         Ok(rec)
     }
 }
-
-/// The longest `?wait=` of a read, in seconds (longer asks are cut to this).
-pub const MAX_WAIT_SECS: u64 = 60;
 
 /// The longest `path` of a backup, in characters (a name of at most 252 bytes: within
 /// any filesystem's limit for one name).

@@ -53,8 +53,10 @@ log_format = "human"
 log_level = "warn"
 [limits]
 default_timeout_secs = $CRUCIBLE_DEFAULT_TIMEOUT
-# A read with ?wait= waits for the evaluation to end: keep them short.
+# A read with ?wait= waits for the evaluation to end (or max_wait_secs): keep both short,
+# well inside schemathesis' request timeout.
 max_timeout_secs = 5
+max_wait_secs = 1
 max_code_bytes = $CRUCIBLE_MAX_CODE_BYTES
 [judge]
 max_eval_secs = $CRUCIBLE_MAX_EVAL_SECS

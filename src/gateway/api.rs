@@ -208,24 +208,25 @@ pub async fn submit_batch(
 pub struct WaitParams {
     /// Seconds to wait for the evaluation to reach a terminal status: the answer leaves as
     /// soon as it has (its terminal state on disk), else with the record as it stands
-    /// after this long. Longer waits are cut to 60 s; 0 or absent: answer at once.
+    /// after this long. Longer waits are cut to `[limits] max_wait_secs` (60 s by
+    /// default); 0 or absent: answer at once.
     #[param(value_type = Option<f64>, minimum = 0)]
     wait: Option<String>,
 }
 
-/// The `wait` of a read, as a duration (at most [`crate::service::MAX_WAIT_SECS`]).
+/// The `wait` of a read, as a duration (the service cuts it to `[limits] max_wait_secs`).
 fn wait_param(query: Option<&str>) -> Result<std::time::Duration, ApiError> {
     let q: WaitParams = query::parse(query)?;
     let Some(text) = q.wait else {
         return Ok(std::time::Duration::ZERO);
     };
     match text.trim().parse::<f64>() {
-        Ok(secs) if secs.is_finite() && secs >= 0.0 => Ok(std::time::Duration::from_secs_f64(
-            secs.min(crate::service::MAX_WAIT_SECS as f64),
-        )),
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => {
+            Ok(std::time::Duration::from_secs_f64(secs.min(3600.0)))
+        }
         _ => Err(ApiError::invalid_field(
             "wait",
-            "`wait` must be a number of seconds, 0 or more (at most 60 are waited)",
+            "`wait` must be a number of seconds, 0 or more",
         )),
     }
 }
