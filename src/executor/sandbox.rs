@@ -288,29 +288,39 @@ impl SandboxExecutor {
         let me = self.clone();
         let task = tokio::spawn(async move {
             loop {
-                while me.pool_len() < me.pool.size && !me.pool.stop.is_cancelled() {
-                    match me.prepare_warm().await {
-                        Ok(w) => {
-                            if me.pool.stop.is_cancelled() {
-                                w.discard().await;
-                                break;
+                // Several at once (one per core): a sandbox is mostly the kernel's work
+                // in its own process, and a run of many short tests (a judged program)
+                // takes them faster than one at a time can make them.
+                let parallel = std::thread::available_parallelism().map_or(1, |n| n.get());
+                loop {
+                    let missing = me.pool.size.saturating_sub(me.pool_len());
+                    if missing == 0 || me.pool.stop.is_cancelled() {
+                        break;
+                    }
+                    let made = futures_util::future::join_all(
+                        (0..missing.min(parallel)).map(|_| me.prepare_warm()),
+                    )
+                    .await;
+                    let mut failed = None;
+                    for r in made {
+                        match r {
+                            Ok(w) if me.pool.stop.is_cancelled() => w.discard().await,
+                            Ok(w) => {
+                                if let Ok(mut ready) = me.pool.ready.lock() {
+                                    ready.push(w);
+                                }
                             }
-                            if let Ok(mut ready) = me.pool.ready.lock() {
-                                ready.push(w);
-                            }
-                            if let Ok(mut e) = me.pool.last_error.lock() {
-                                *e = None;
-                            }
+                            Err(e) => failed = Some(e),
                         }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot prepare a pooled sandbox; retrying in 1 s");
-                            if let Ok(mut last) = me.pool.last_error.lock() {
-                                *last = Some(e);
-                            }
-                            tokio::select! {
-                                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                                _ = me.pool.stop.cancelled() => {}
-                            }
+                    }
+                    if let Ok(mut last) = me.pool.last_error.lock() {
+                        *last = failed.clone();
+                    }
+                    if let Some(e) = failed {
+                        tracing::warn!(error = %e, "cannot prepare a pooled sandbox; retrying in 1 s");
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            _ = me.pool.stop.cancelled() => {}
                         }
                     }
                 }
