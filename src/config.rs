@@ -363,6 +363,9 @@ pub struct OutboxConfig {
     pub poll_interval_ms: u64,
 }
 
+/// The largest `[limits] max_wait_secs`: an hour.
+pub const MAX_WAIT_SECS: u64 = 3600;
+
 /// Sandbox executor settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -1072,7 +1075,7 @@ impl Config {
                 "tmp_mb and max_file_mb must be at least 1",
             ));
         }
-        if l.max_wait_secs > 3600 {
+        if l.max_wait_secs > MAX_WAIT_SECS {
             return Err(invalid("limits.max_wait_secs", "must be at most 3600"));
         }
         if l.max_open_files < 16 {

@@ -89,8 +89,8 @@ pub struct Assignment {
     pub files: Vec<(String, String)>,
     pub program: String,
     pub args: Vec<String>,
-    /// The program's whole environment (`NAME=value`).
-    pub env: Vec<String>,
+    /// The program's whole environment (name, value).
+    pub env: Vec<(String, String)>,
     /// Size of /build's tmpfs when a build comes with the run (0: none).
     pub build_bytes: u64,
     pub memory_bytes: u64,
@@ -473,13 +473,7 @@ fn take_assignment(filters: Option<Vec<seccompiler::BpfProgram>>) -> Result<Exec
             return Err(format!("setrlimit: {}", std::io::Error::last_os_error()));
         }
     }
-    let env: Vec<(String, String)> = a
-        .env
-        .iter()
-        .filter_map(|e| e.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    Exec::build(&a.program, &a.args, &env, filters)
+    Exec::build(&a.program, &a.args, &a.env, filters)
 }
 
 /// A fresh tmpfs at `target` (no devices, no set-uid).

@@ -287,11 +287,11 @@ impl SandboxExecutor {
         }
         let me = self.clone();
         let task = tokio::spawn(async move {
+            // Several at once (one per core): a sandbox is mostly the kernel's work in its
+            // own process, and a run of many short tests (a judged program) takes them
+            // faster than one at a time can make them.
+            let parallel = std::thread::available_parallelism().map_or(1, |n| n.get());
             loop {
-                // Several at once (one per core): a sandbox is mostly the kernel's work
-                // in its own process, and a run of many short tests (a judged program)
-                // takes them faster than one at a time can make them.
-                let parallel = std::thread::available_parallelism().map_or(1, |n| n.get());
                 loop {
                     let missing = me.pool.size.saturating_sub(me.pool_len());
                     if missing == 0 || me.pool.stop.is_cancelled() {
@@ -335,6 +335,22 @@ impl SandboxExecutor {
         }
     }
 
+    /// The runs' cgroups, when runs get one.
+    fn cgroups(&self) -> Option<Arc<Cgroups>> {
+        match &self.containment {
+            Containment::Cgroup(c) => Some(c.clone()),
+            Containment::Rlimit(_) => None,
+        }
+    }
+
+    /// A new run's name and its own directory (its sandbox root is made inside, and it
+    /// goes when the run ends, however it ends: the guard removes it).
+    fn new_run_dir(&self) -> Result<(String, RunDir), String> {
+        let name = format!("run-{}", uuid::Uuid::new_v4().simple());
+        let dir = RunDir::create(&self.work_dir, &name, self.uid, self.gid)?;
+        Ok((name, dir))
+    }
+
     fn pool_len(&self) -> usize {
         self.pool.ready.lock().map(|r| r.len()).unwrap_or(0)
     }
@@ -342,8 +358,7 @@ impl SandboxExecutor {
     /// Prepare one pooled sandbox: its directory, its helper in its own cgroup (with small
     /// limits until it gets its run), its spec sent.
     async fn prepare_warm(&self) -> Result<Warm, String> {
-        let name = format!("run-{}", uuid::Uuid::new_v4().simple());
-        let run_dir = RunDir::create(&self.work_dir, &name, self.uid, self.gid)?;
+        let (name, run_dir) = self.new_run_dir()?;
         let idle = SandboxRun {
             argv: vec![String::new()],
             env: Vec::new(),
@@ -364,10 +379,7 @@ impl SandboxExecutor {
         let pid = child.id().unwrap_or(0);
         // Moving a process into a cgroup waits for the kernel (an RCU grace period on
         // cgroup v1): done here, ahead of the run, on a blocking thread.
-        let cgroups = match &self.containment {
-            Containment::Cgroup(c) => Some(c.clone()),
-            Containment::Rlimit(_) => None,
-        };
+        let cgroups = self.cgroups();
         let cpus = self.cpus;
         let group = name.clone();
         let contained = tokio::task::spawn_blocking(move || -> Result<_, String> {
@@ -403,14 +415,14 @@ impl SandboxExecutor {
         }
     }
 
-    /// A ready pooled sandbox, if there is one (dead ones are discarded); wakes the refill.
+    /// A ready pooled sandbox, if there is one (dead ones are discarded). The refill is
+    /// woken once its program has been released (see `run_sandbox`).
     async fn take_warm(&self) -> Option<Warm> {
         if self.pool.size == 0 {
             return None;
         }
         loop {
-            let w = self.pool.ready.lock().ok()?.pop()?;
-            let mut w = w;
+            let mut w = self.pool.ready.lock().ok()?.pop()?;
             match w.child.try_wait() {
                 Ok(None) => return Some(w),
                 _ => {
@@ -439,10 +451,7 @@ impl SandboxExecutor {
             files: spec.files,
             program: spec.program,
             args: spec.args,
-            env: super::helper::program_env(&spec.path, &spec.env)
-                .into_iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect(),
+            env: super::helper::program_env(&spec.path, &spec.env),
             build_bytes,
             memory_bytes: spec.memory_bytes,
             max_processes: spec.max_processes,
@@ -487,10 +496,7 @@ impl SandboxExecutor {
 
     /// Start a helper for this run alone, in a new cgroup.
     fn launch_cold(&self, run: &SandboxRun<'_>) -> Result<Launched, String> {
-        let name = format!("run-{}", uuid::Uuid::new_v4().simple());
-        // The run's own directory: its sandbox root is made inside, and it goes when the
-        // run ends, however it ends (the guard removes it).
-        let run_dir = RunDir::create(&self.work_dir, &name, self.uid, self.gid)?;
+        let (name, run_dir) = self.new_run_dir()?;
         let spec =
             serde_json::to_vec(&self.spec(run, &run_dir.path)).map_err(|e| format!("spec: {e}"))?;
         let (mut child, spec_w, result_r) =
@@ -522,28 +528,13 @@ impl SandboxExecutor {
     /// background (their cgroups and directories), so that a clean stop leaves nothing.
     async fn drain_pool(&self) {
         self.pool.stop.cancel();
-        let tasks: Vec<_> = self
-            .pool
-            .tasks
-            .lock()
-            .map(|mut t| t.drain(..).collect())
-            .unwrap_or_default();
-        for t in tasks {
+        for t in take_all(&self.pool.tasks) {
             let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
         }
-        let ready: Vec<Warm> = self
-            .pool
-            .ready
-            .lock()
-            .map(|mut r| r.drain(..).collect())
-            .unwrap_or_default();
-        for w in ready {
+        for w in take_all(&self.pool.ready) {
             w.discard().await;
         }
-        let cgroups = match &self.containment {
-            Containment::Cgroup(c) => Some(c.clone()),
-            Containment::Rlimit(_) => None,
-        };
+        let cgroups = self.cgroups();
         let work_dir = self.work_dir.clone();
         let _ = tokio::task::spawn_blocking(move || {
             if let Some(c) = cgroups {
@@ -712,10 +703,10 @@ impl SandboxExecutor {
         pid: u32,
         name: &str,
     ) -> Result<Option<RunCgroup>, String> {
-        let Containment::Cgroup(c) = &self.containment else {
+        let Some(c) = self.cgroups() else {
             return Ok(None);
         };
-        contain_in(c, limits, self.cpus, pid, name).map(Some)
+        contain_in(&c, limits, self.cpus, pid, name).map(Some)
     }
 
     async fn run_sandbox(
@@ -1266,6 +1257,13 @@ impl Executor for SandboxExecutor {
             self.stats.cpu_kills.load(Ordering::Relaxed),
         );
     }
+}
+
+/// Everything in `list`, leaving it empty.
+fn take_all<T>(list: &Mutex<Vec<T>>) -> Vec<T> {
+    list.lock()
+        .map(|mut l| std::mem::take(&mut *l))
+        .unwrap_or_default()
 }
 
 /// What a pooled sandbox may use while it waits for its run (its helper and the

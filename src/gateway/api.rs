@@ -222,7 +222,10 @@ fn wait_param(query: Option<&str>) -> Result<std::time::Duration, ApiError> {
     };
     match text.trim().parse::<f64>() {
         Ok(secs) if secs.is_finite() && secs >= 0.0 => {
-            Ok(std::time::Duration::from_secs_f64(secs.min(3600.0)))
+            // Cut here already: a duration of 1e308 seconds would overflow.
+            Ok(std::time::Duration::from_secs_f64(
+                secs.min(crate::config::MAX_WAIT_SECS as f64),
+            ))
         }
         _ => Err(ApiError::invalid_field(
             "wait",
