@@ -525,7 +525,8 @@ impl SandboxExecutor {
 
     /// At shutdown, after the last run: drain the pool (every prepared sandbox is killed
     /// and removed), then remove whatever runs left that is still being removed in the
-    /// background (their cgroups and directories), so that a clean stop leaves nothing.
+    /// background (their cgroups and directories) and the work dir, so that a clean stop
+    /// leaves nothing.
     async fn drain_pool(&self) {
         self.pool.stop.cancel();
         for t in take_all(&self.pool.tasks) {
@@ -541,6 +542,9 @@ impl SandboxExecutor {
                 c.reap();
             }
             clear_dir(&work_dir);
+            // The directory itself too (the next start makes it again): in a shared
+            // tmpfs (/dev/shm) every data dir's node would otherwise leave one behind.
+            let _ = std::fs::remove_dir(&work_dir);
         })
         .await;
     }
