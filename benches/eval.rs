@@ -19,9 +19,12 @@
 
 #[path = "../tests/integration/common.rs"]
 mod common;
+#[path = "measure.rs"]
+mod measure;
 
 use common::Server;
 use crucible::client::Client;
+use measure::machine;
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::path::Path;
@@ -259,20 +262,6 @@ fn judge_section(rt: &tokio::runtime::Runtime, dir: &Path, out: &mut String) {
         let (b, o) = (median(b), median(o));
         let _ = writeln!(out, "| {what} | {b:.0} | {o:.0} | {:.2}x |", o / b);
     }
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    format!("{cores} cores ({cpu})")
 }
 
 fn main() {

@@ -19,80 +19,15 @@
 
 #[path = "../tests/integration/common.rs"]
 mod common;
+#[path = "measure.rs"]
+mod measure;
 
 use common::{PgServer, RedisServer, Server};
+use measure::{dir_size, pss_kb, status_kb, tree, tree_pss_kb};
 use serde_json::{json, Value};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::path::Path;
 use std::time::{Duration, Instant};
-
-fn status_kb(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-fn pss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("Pss:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-/// `roots` and all their descendants.
-fn tree(roots: &[u32]) -> Vec<u32> {
-    let mut parent: HashMap<u32, u32> = HashMap::new();
-    if let Ok(rd) = std::fs::read_dir("/proc") {
-        for e in rd.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            // pid (comm) state ppid ...
-            if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
-                if let Some(ppid) = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok()) {
-                    parent.insert(pid, ppid);
-                }
-            }
-        }
-    }
-    let mut set: HashSet<u32> = roots.iter().copied().collect();
-    loop {
-        let before = set.len();
-        for (pid, ppid) in &parent {
-            if set.contains(ppid) {
-                set.insert(*pid);
-            }
-        }
-        if set.len() == before {
-            break;
-        }
-    }
-    set.into_iter().collect()
-}
-
-fn dir_size(p: &Path) -> u64 {
-    let mut total = 0;
-    if let Ok(rd) = std::fs::read_dir(p) {
-        for e in rd.flatten() {
-            let path = e.path();
-            if path.is_dir() {
-                total += dir_size(&path);
-            } else if let Ok(m) = e.metadata() {
-                total += m.len();
-            }
-        }
-    }
-    total
-}
 
 /// The containment issue's program: 12 children of 200 MiB, all touched, held together.
 const HOG12: &str = r#"
@@ -129,7 +64,7 @@ async fn hostile(out: &mut String) {
         .expect("prlimit");
     let mut base_peak = 0u64;
     while child.try_wait().expect("wait").is_none() {
-        let total: u64 = tree(&[child.id()]).iter().map(|p| pss_kb(*p)).sum();
+        let total: u64 = tree_pss_kb(&[child.id()]);
         base_peak = base_peak.max(total);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -149,7 +84,7 @@ memory_mb = 256",
     let (mut peak, mut slowest) = (0u64, Duration::ZERO);
     let started = Instant::now();
     loop {
-        let total: u64 = tree(&[s.pid()]).iter().map(|p| pss_kb(*p)).sum();
+        let total: u64 = tree_pss_kb(&[s.pid()]);
         peak = peak.max(total);
         let t = Instant::now();
         let h = s.health().await;
@@ -267,9 +202,9 @@ fn main() {
             let total: u64 = pids.iter().map(|p| pss_kb(*p)).sum();
             if total > peak {
                 peak = total;
-                let app: u64 = tree(&[s.pid()]).iter().map(|p| pss_kb(*p)).sum();
-                let r: u64 = redis.pid().map(|p| tree(&[p]).iter().map(|q| pss_kb(*q)).sum()).unwrap_or(0);
-                let p: u64 = pg.pid().map(|p| tree(&[p]).iter().map(|q| pss_kb(*q)).sum()).unwrap_or(0);
+                let app: u64 = tree_pss_kb(&[s.pid()]);
+                let r: u64 = redis.pid().map(|p| tree_pss_kb(&[p])).unwrap_or(0);
+                let p: u64 = pg.pid().map(|p| tree_pss_kb(&[p])).unwrap_or(0);
                 peak_parts = (app, r, p);
             }
             let h = s.health().await;

@@ -8,26 +8,17 @@
 
 #[path = "../tests/integration/common.rs"]
 mod common;
+#[path = "measure.rs"]
+mod measure;
 
 use common::Server;
 use crucible::client::Client;
+use measure::{dir_size, machine, status_kb};
 use serde_json::json;
 use std::fmt::Write as _;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// Resident memory of a process from /proc/PID/status (`VmRSS:` or `VmHWM:`), in KiB.
-fn rss_kb(server: &Server, field: &str) -> u64 {
-    let status =
-        std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
 
 /// A server with `extra` config plus `BENCH_CONFIG`
 /// (e.g. `BENCH_CONFIG=$'[store]\ncache_mb = 32'`).
@@ -78,7 +69,7 @@ async fn load(server: &Server, conns: usize, secs: u64) -> Load {
     }
     let mut peak = 0u64;
     while Instant::now() < stop {
-        peak = peak.max(rss_kb(server, "VmRSS:"));
+        peak = peak.max(status_kb(server.pid(), "VmRSS:"));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let mut all = Vec::new();
@@ -94,7 +85,7 @@ async fn load(server: &Server, conns: usize, secs: u64) -> Load {
         p50: pct(&all, 0.50),
         p99: pct(&all, 0.99),
         errors,
-        peak_rss_mb: peak.max(rss_kb(server, "VmRSS:")) as f64 / 1024.0,
+        peak_rss_mb: peak.max(status_kb(server.pid(), "VmRSS:")) as f64 / 1024.0,
     }
 }
 
@@ -138,29 +129,6 @@ fn p99f(v: &mut [f64]) -> f64 {
     v[((v.len() as f64 - 1.0) * 0.99).round() as usize]
 }
 
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .next()
-        .and_then(|l| {
-            l.split_whitespace()
-                .nth(1)
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .unwrap_or(0);
-    format!("{cores} cores ({cpu}), {} GiB RAM", mem / 1024 / 1024)
-}
-
 fn main() {
     let secs: u64 = std::env::var("BENCH_SECS")
         .ok()
@@ -188,7 +156,7 @@ fn main() {
     );
     let _ = writeln!(out, "|---|---|---|---|---|---|");
     let s = start(&rt, "start_paused = true\nmax_queued = 100000000");
-    let idle_rss = rss_kb(&s, "VmRSS:") as f64 / 1024.0;
+    let idle_rss = status_kb(s.pid(), "VmRSS:") as f64 / 1024.0;
     for conns in [1usize, 16, 64] {
         let l = rt.block_on(load(&s, conns, secs));
         let _ = writeln!(
@@ -197,7 +165,7 @@ fn main() {
             l.rps, l.p50, l.p99, l.errors, l.peak_rss_mb
         );
     }
-    let hwm = rss_kb(&s, "VmHWM:") as f64 / 1024.0;
+    let hwm = status_kb(s.pid(), "VmHWM:") as f64 / 1024.0;
     let disk = dir_size(&s.data_dir());
     drop(s);
     let _ = writeln!(
@@ -273,19 +241,4 @@ fn main() {
     print!("{out}");
     let _ = std::fs::create_dir_all("target");
     let _ = std::fs::write(Path::new("target").join("bench-submit.md"), out);
-}
-
-fn dir_size(p: &Path) -> u64 {
-    let mut total = 0;
-    if let Ok(rd) = std::fs::read_dir(p) {
-        for e in rd.flatten() {
-            let path = e.path();
-            if path.is_dir() {
-                total += dir_size(&path);
-            } else if let Ok(m) = e.metadata() {
-                total += m.len();
-            }
-        }
-    }
-    total
 }
