@@ -508,6 +508,23 @@ pub fn join_session_with_key(cmd: &mut Command, secret: &str) {
     }
 }
 
+/// Blocks allocated to the files under `p` (what `du` counts), in bytes.
+pub fn dir_allocated(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                total += dir_allocated(&e.path());
+            } else if let Ok(m) = e.metadata() {
+                total += m.blocks() * 512;
+            }
+        }
+    }
+    total
+}
+
 /// Lines of a JSON-lines file, parsed; torn or blank lines are errors.
 pub fn read_jsonl(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap_or_default();

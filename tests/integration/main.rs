@@ -20,4 +20,5 @@ mod postgres;
 mod redis_rr;
 mod redis_sink;
 mod seed;
+mod soak;
 mod ui;
