@@ -13,7 +13,8 @@
 //! Writes `target/soak/soak.csv`, `target/soak/soak.png` (with gnuplot, Debian's
 //! `gnuplot-nox`, which tests/run.sh installs) and `target/soak/soak.md`.
 //!
-//! Run: `cargo bench --bench soak` (defaults: `SOAK_RATE=25 SOAK_SECS=600
+//! Run: `cargo bench --bench soak` (extra top-level config: `BENCH_CONFIG`; the sled
+//! cache: `SOAK_CACHE_MB`; defaults: `SOAK_RATE=25 SOAK_SECS=600
 //! SOAK_IDLE_SECS=120 SOAK_RETAIN_SECS=120 SOAK_STREAM_MAXLEN=20000`; the stream cap is
 //! lower than the profile's so that the run reaches it and Redis' memory per entry at the
 //! cap is measured).
@@ -267,9 +268,13 @@ fn main() {
         }
         let sink = tempfile::tempdir().expect("tempdir");
         let events = sink.path().join("events.jsonl");
+        let more = std::env::var("BENCH_CONFIG").unwrap_or_default();
+        let cache = std::env::var("SOAK_CACHE_MB")
+            .map(|v| format!("cache_mb = {v}\n"))
+            .unwrap_or_default();
         let s = Server::start_with(
             &format!(
-                "workers = 2\nlog_level = \"warn\"\n[store]\nretain_evaluations_secs = {retain}\n\
+                "workers = 2\nlog_level = \"warn\"\n{more}\n[store]\n{cache}retain_evaluations_secs = {retain}\n\
                  [outbox]\nretain_secs = {retain}\nprune_interval_secs = 5\n\
                  [redis]\nstream_maxlen = {maxlen}\n[sinks.file]\npath = \"{}\"",
                 events.display()
