@@ -17,6 +17,7 @@
 use crate::config::Config;
 use crate::executor::Executor;
 use crate::judge::Judge;
+use crate::model::Status;
 use crate::ops::metrics::{Exposition, Histogram, LabeledCounter};
 use crate::ops::report::{Health, Level, Report};
 use crate::ops::worker::{Backoff, Runner, State, Worker};
@@ -208,34 +209,69 @@ impl Queue {
         if let Ok(mut m) = self.running.lock() {
             m.insert(id.clone(), token.clone());
         }
-        let started = self.store.start(&id).await;
-        if let Ok(mut c) = self.claimed.lock() {
-            c.remove(&id);
-        }
-        let rec = match started {
-            Ok(r) => r,
+        let forget = || {
+            if let Ok(mut m) = self.running.lock() {
+                m.remove(&id);
+            }
+            if let Ok(mut c) = self.claimed.lock() {
+                c.remove(&id);
+            }
+        };
+        // The run begins while its `running` write is being flushed (one flush less on
+        // every evaluation's path): the write is handed to the store's writer first, so
+        // the run's own writes (progress, result) are applied after it. Should it fail
+        // (cancelled meanwhile, a store error) the run is killed and its result dropped;
+        // the program itself can reach nothing outside the sandbox. After a crash before
+        // it was durable the evaluation is still queued and runs again.
+        let rec = match self.store.get_applied(&id) {
+            Ok(Some(r)) if r.status == Status::Queued => r,
+            Ok(_) => return forget(), // cancelled or removed meanwhile
             Err(e) => {
-                if let Ok(mut m) = self.running.lock() {
-                    m.remove(&id);
-                }
-                if !matches!(e, StoreError::WrongState(..) | StoreError::NotFound) {
-                    tracing::error!(eval_id = %id, error = %e, "cannot start evaluation");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
+                forget();
+                tracing::error!(eval_id = %id, error = %e, "cannot start evaluation");
+                tokio::time::sleep(Duration::from_millis(200)).await;
                 return;
             }
         };
-        tracing::info!(
-            eval_id = %id,
-            language = %rec.language,
-            status = "running",
-            event_type = "evaluation:started",
-            "evaluation started"
-        );
+        let durable = match self.store.begin_start(&id).await {
+            Ok(d) => d,
+            Err(e) => {
+                forget();
+                tracing::error!(eval_id = %id, error = %e, "cannot start evaluation");
+                return;
+            }
+        };
+        let started = async {
+            let r = durable.await;
+            if let Ok(mut c) = self.claimed.lock() {
+                c.remove(&id);
+            }
+            match &r {
+                Ok(rec) => tracing::info!(
+                    eval_id = %id,
+                    language = %rec.language,
+                    status = "running",
+                    event_type = "evaluation:started",
+                    "evaluation started"
+                ),
+                Err(_) => token.cancel(),
+            }
+            r
+        };
         let run_started = std::time::Instant::now();
-        let fin = self.judge.evaluate(&rec, &self.store, token).await;
+        let (started, fin) = tokio::join!(
+            started,
+            self.judge.evaluate(&rec, &self.store, token.clone())
+        );
         if let Ok(mut m) = self.running.lock() {
             m.remove(&id);
+        }
+        if let Err(e) = started {
+            if !matches!(e, StoreError::WrongState(..) | StoreError::NotFound) {
+                tracing::error!(eval_id = %id, error = %e, "cannot start evaluation");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            return;
         }
         self.stats
             .run_seconds

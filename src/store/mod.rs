@@ -502,12 +502,21 @@ impl Store {
 
     /// Send an operation to the writer and wait for its answer (after the flush).
     async fn call<T>(&self, op: impl FnOnce(Tx<T>) -> Op) -> Result<T, StoreError> {
+        self.send(op).await?.await
+    }
+
+    /// Hand `op` to the writer; the returned future resolves once it is durable. Writes
+    /// are applied in the order they were handed over.
+    async fn send<T>(
+        &self,
+        op: impl FnOnce(Tx<T>) -> Op,
+    ) -> Result<impl std::future::Future<Output = Result<T, StoreError>>, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(op(reply))
             .await
             .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        Ok(async move { rx.await.map_err(|_| StoreError::Closed)? })
     }
 
     /// This node's id (in every event's `node`).
@@ -534,8 +543,17 @@ impl Store {
 
     /// `queued -> running`, durably. Fails with `WrongState` if it is no longer queued.
     pub async fn start(&self, eval_id: &str) -> Result<Evaluation, StoreError> {
+        self.begin_start(eval_id).await?.await
+    }
+
+    /// `queued -> running`, handed to the writer now (so every later write of this
+    /// evaluation is applied after it); the returned future resolves once it is durable.
+    pub async fn begin_start(
+        &self,
+        eval_id: &str,
+    ) -> Result<impl std::future::Future<Output = Result<Evaluation, StoreError>>, StoreError> {
         let eval_id = eval_id.to_string();
-        self.call(|reply| Op::Start { eval_id, reply }).await
+        self.send(|reply| Op::Start { eval_id, reply }).await
     }
 
     /// `running -> completed | failed | cancelled`, durably.
@@ -731,9 +749,15 @@ impl Store {
 
     /// One evaluation by id (as flushed: see [`Store::settle`]).
     pub async fn get(&self, eval_id: &str) -> Result<Option<Evaluation>, StoreError> {
-        let raw = self.tree()?.get(keys::eval(eval_id))?;
+        let rec = self.get_applied(eval_id);
         self.settle().await;
-        match raw {
+        rec
+    }
+
+    /// One evaluation by id as last applied, without waiting for its flush: for what
+    /// never changes after submission (code, files, tests, limits), as a worker needs it.
+    pub fn get_applied(&self, eval_id: &str) -> Result<Option<Evaluation>, StoreError> {
+        match self.tree()?.get(keys::eval(eval_id))? {
             Some(v) => Ok(Some(decode(&v)?)),
             None => Ok(None),
         }
