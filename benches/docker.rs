@@ -10,8 +10,11 @@
 
 #[path = "../tests/integration/common.rs"]
 mod common;
+#[path = "measure.rs"]
+mod measure;
 
 use common::{docker_config, test_image, Server};
+use measure::env;
 use serde_json::json;
 use std::fmt::Write as _;
 use std::process::Command;
@@ -58,10 +61,7 @@ async fn wait_warm(s: &Server, n: usize) {
 }
 
 fn main() {
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(30);
+    let runs: usize = env("BENCH_RUNS", 30);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -24,7 +24,7 @@ mod measure;
 
 use common::Server;
 use crucible::client::Client;
-use measure::machine;
+use measure::{env, machine};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::path::Path;
@@ -265,10 +265,7 @@ fn judge_section(rt: &tokio::runtime::Runtime, dir: &Path, out: &mut String) {
 }
 
 fn main() {
-    let runs: usize = std::env::var("RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(30);
+    let runs: usize = env("RUNS", 30);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -22,8 +22,9 @@ mod common;
 #[path = "measure.rs"]
 mod measure;
 
+use common::dir_size;
 use common::{PgServer, RedisServer, Server};
-use measure::{dir_size, pss_kb, status_kb, tree, tree_pss_kb};
+use measure::{pss_kb, status_kb, tree, tree_pss_kb};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::fmt::Write as _;

@@ -1,9 +1,8 @@
-//! What the benchmarks read from the kernel about processes and files, and how they
-//! name the machine they ran on. Included by each benchmark with `#[path]`.
+//! What the benchmarks read from the kernel about processes, how they take their knobs
+//! and how they name the machine they ran on. Included by each benchmark with `#[path]`.
 #![allow(dead_code)] // each benchmark uses a part
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
 
 /// A field of /proc/PID/status in KiB (`VmRSS:`, `VmHWM:`); 0 when the process is gone.
 pub fn status_kb(pid: u32, field: &str) -> u64 {
@@ -64,20 +63,12 @@ pub fn tree_pss_kb(roots: &[u32]) -> u64 {
     tree(roots).iter().map(|p| pss_kb(*p)).sum()
 }
 
-/// Apparent size of the files under `p` (links not followed), in bytes.
-pub fn dir_size(p: &Path) -> u64 {
-    let mut total = 0;
-    if let Ok(rd) = std::fs::read_dir(p) {
-        for e in rd.flatten() {
-            let Ok(ft) = e.file_type() else { continue };
-            if ft.is_dir() {
-                total += dir_size(&e.path());
-            } else if let Ok(m) = e.metadata() {
-                total += m.len();
-            }
-        }
-    }
-    total
+/// A benchmark's knob from the environment, else `default`.
+pub fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
 }
 
 /// "N cores (model), M GiB RAM".

@@ -12,18 +12,14 @@
 
 #[path = "../tests/integration/common.rs"]
 mod common;
+#[path = "measure.rs"]
+mod measure;
 
 use common::{PgServer, Server};
+use measure::env;
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
 
 async fn sink(s: &Server) -> (u64, u64) {
     let h: Value = s.get("/health").await.json().expect("health");

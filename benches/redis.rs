@@ -12,10 +12,13 @@
 
 #[path = "../tests/integration/common.rs"]
 mod common;
+#[path = "measure.rs"]
+mod measure;
 
 use common::{free_port, RedisServer, Server};
 use crucible::client::Client;
 use fred::prelude::{ClientLike, EventInterface, PubsubInterface};
+use measure::env;
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::process::Command;
@@ -55,18 +58,9 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 }
 
 fn main() {
-    let n_events: u64 = std::env::var("BENCH_EVENTS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(100_000);
-    let rate: u64 = std::env::var("BENCH_RATE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1000);
-    let secs: u64 = std::env::var("BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
+    let n_events: u64 = env("BENCH_EVENTS", 100_000);
+    let rate: u64 = env("BENCH_RATE", 1000);
+    let secs: u64 = env("BENCH_SECS", 10);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

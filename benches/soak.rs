@@ -26,20 +26,13 @@ mod measure;
 
 use common::{PgServer, RedisServer, Server};
 use crucible::client::Client;
-use measure::{machine, status_kb};
+use measure::{env, machine, status_kb};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// `key value` or `key = value` lines of a shipped example file, comments skipped.
 fn profile(path: &str) -> Vec<(String, String)> {
@@ -188,16 +181,6 @@ async fn finished(s: &Server) -> u64 {
         .sum::<f64>() as u64
 }
 
-fn sandbox_dirs(work: &Path) -> Vec<String> {
-    std::fs::read_dir(work)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 fn plot(dir: &Path, load_secs: u64) -> Result<PathBuf, String> {
     let png = dir.join("soak.png");
     let script = format!(
@@ -334,7 +317,7 @@ fn main() {
             && h["queue"]["running"] == 0
             && ["file", "redis", "postgres"].iter().all(|k| h["sinks"][k]["backlog"] == 0);
         let pool = h["executor"]["pool"]["size"].as_u64().unwrap_or(0) as usize;
-        let left = sandbox_dirs(&work);
+        let left = common::dir_entries(&work);
         let rss_end = status_kb(s.pid(), "VmRSS:");
         let hwm = status_kb(s.pid(), "VmHWM:");
         let lines = std::fs::read_to_string(&events).unwrap_or_default();
@@ -398,7 +381,7 @@ fn main() {
                 maxmemory / 1048576, maxmemory as f64 * 0.8 / per_entry);
         }
         let _ = writeln!(md, "| PostgreSQL: event rows kept; database size | {pg_rows}; {:.1} MiB |", pg_size as f64 / 1048576.0);
-        if !left.len().le(&pool) {
+        if left.len() > pool {
             let _ = writeln!(md, "\nLeft behind: {left:?}");
         }
         match plot(&out_dir, secs) {

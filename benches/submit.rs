@@ -11,9 +11,10 @@ mod common;
 #[path = "measure.rs"]
 mod measure;
 
+use common::dir_size;
 use common::Server;
 use crucible::client::Client;
-use measure::{dir_size, machine, status_kb};
+use measure::{env, machine, status_kb};
 use serde_json::json;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -130,10 +131,7 @@ fn p99f(v: &mut [f64]) -> f64 {
 }
 
 fn main() {
-    let secs: u64 = std::env::var("BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
+    let secs: u64 = env("BENCH_SECS", 10);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -3,7 +3,7 @@
 //! reused for a different request, and run directories left behind by timed-out runs.
 //! (Backups outside backup_dir: ops.rs.)
 
-use crate::common::{marker, program, Server, DEADLINE};
+use crate::common::{dir_entries, marker, program, Server, DEADLINE};
 use serde_json::json;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -186,13 +186,7 @@ async fn runs_leave_no_directory_behind_however_they_end() {
     s.run_py("print(1)", 30.0).await;
     let started = Instant::now();
     loop {
-        let left: Vec<String> = std::fs::read_dir(&work)
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let left = dir_entries(&work);
         if left.is_empty() {
             break;
         }

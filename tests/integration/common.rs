@@ -508,21 +508,42 @@ pub fn join_session_with_key(cmd: &mut Command, secret: &str) {
     }
 }
 
-/// Blocks allocated to the files under `p` (what `du` counts), in bytes.
-pub fn dir_allocated(p: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
+/// The sum of `size` over the files under `p` (directories walked, links not followed).
+fn dir_sum(p: &Path, size: &dyn Fn(&std::fs::Metadata) -> u64) -> u64 {
     let mut total = 0;
     if let Ok(rd) = std::fs::read_dir(p) {
         for e in rd.flatten() {
             let Ok(ft) = e.file_type() else { continue };
             if ft.is_dir() {
-                total += dir_allocated(&e.path());
+                total += dir_sum(&e.path(), size);
             } else if let Ok(m) = e.metadata() {
-                total += m.blocks() * 512;
+                total += size(&m);
             }
         }
     }
     total
+}
+
+/// Apparent size of the files under `p`, in bytes.
+pub fn dir_size(p: &Path) -> u64 {
+    dir_sum(p, &|m| m.len())
+}
+
+/// Blocks allocated to the files under `p` (what `du` counts), in bytes.
+pub fn dir_allocated(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    dir_sum(p, &|m| m.blocks() * 512)
+}
+
+/// The names in a directory (none when it is missing).
+pub fn dir_entries(dir: &Path) -> std::collections::HashSet<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Lines of a JSON-lines file, parsed; torn or blank lines are errors.

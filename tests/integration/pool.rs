@@ -5,10 +5,9 @@
 //! waiting sandboxes with it. What is counted is what the kernel and the filesystem show
 //! (cgroup directories and their processes, the work directory, /proc).
 
-use crate::common::{assert_no_host_process_with, marker, program, Server, DEADLINE};
+use crate::common::{assert_no_host_process_with, dir_entries, marker, program, Server, DEADLINE};
 use crate::containment::{run_cgroup_bases, run_cgroups};
 use serde_json::{json, Value};
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -28,16 +27,6 @@ async fn pool_full(s: &Server, size: u64) -> Value {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-fn entries(dir: &PathBuf) -> HashSet<String> {
-    std::fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Processes in a cgroup directory.
@@ -148,7 +137,7 @@ async fn pooled_runs_leave_no_process_cgroup_or_directory_behind() {
     // The start-up runs' directories go in the background.
     let started = Instant::now();
     let before_dirs = loop {
-        let d = entries(&work);
+        let d = dir_entries(&work);
         if d.len() == 2 {
             break d;
         }
@@ -186,7 +175,7 @@ async fn pooled_runs_leave_no_process_cgroup_or_directory_behind() {
     pool_full(&s, 2).await;
     let started = Instant::now();
     loop {
-        let dirs = entries(&work);
+        let dirs = dir_entries(&work);
         let groups = run_cgroups(&bases);
         // One directory per hierarchy and sandbox: only the 2 waiting ones.
         let busy: Vec<_> = groups.iter().filter(|g| procs(g).len() > 3).collect();
@@ -218,7 +207,7 @@ async fn the_pool_is_drained_at_stop_and_dies_with_a_killed_appliance() {
         "no waiting sandbox processes: {waiting:?}"
     );
     assert!(s.terminate().success(), "{}", s.log());
-    assert!(!work.exists(), "{:?}", entries(&work));
+    assert!(!work.exists(), "{:?}", dir_entries(&work));
     assert!(run_cgroups(&bases).is_empty(), "{:?}", run_cgroups(&bases));
     let alive = living(&waiting);
     assert!(
@@ -248,11 +237,11 @@ async fn the_pool_is_drained_at_stop_and_dies_with_a_killed_appliance() {
     s.restart().await;
     pool_full(&s, 3).await;
     let started = Instant::now();
-    while entries(&work).len() != 3 || run_cgroups(&bases).len() != 3 * bases.len() {
+    while dir_entries(&work).len() != 3 || run_cgroups(&bases).len() != 3 * bases.len() {
         assert!(
             started.elapsed() < DEADLINE,
             "{:?} {:?}",
-            entries(&work),
+            dir_entries(&work),
             run_cgroups(&bases)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -5,7 +5,9 @@
 //! directory is left but the pool's waiting ones. Each round waits for conditions (all
 //! terminal, all delivered, all pruned), never for a time.
 
-use crate::common::{dir_allocated, read_jsonl, PgServer, RedisServer, Server, DEADLINE};
+use crate::common::{
+    dir_allocated, dir_entries, read_jsonl, PgServer, RedisServer, Server, DEADLINE,
+};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
@@ -135,13 +137,7 @@ async fn under_retention_the_data_dir_plateaus_and_no_sandbox_is_left_behind() {
     let work = std::path::PathBuf::from(e["work_dir"].as_str().expect("work_dir"));
     let started = Instant::now();
     loop {
-        let left: Vec<String> = std::fs::read_dir(&work)
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let left = dir_entries(&work);
         if left.len() <= 2 {
             break;
         }
