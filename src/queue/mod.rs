@@ -204,6 +204,15 @@ impl Queue {
         }
     }
 
+    /// An evaluation that could not be started stays queued. Cancelled or removed
+    /// meanwhile is not an error; a store fault is logged and slows the next attempt.
+    async fn start_failed(&self, id: &str, e: StoreError) {
+        if !matches!(e, StoreError::WrongState(..) | StoreError::NotFound) {
+            tracing::error!(eval_id = %id, error = %e, "cannot start evaluation");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     async fn work(&self, id: String) {
         let token = CancellationToken::new();
         if let Ok(mut m) = self.running.lock() {
@@ -228,17 +237,14 @@ impl Queue {
             Ok(_) => return forget(), // cancelled or removed meanwhile
             Err(e) => {
                 forget();
-                tracing::error!(eval_id = %id, error = %e, "cannot start evaluation");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                return;
+                return self.start_failed(&id, e).await;
             }
         };
         let durable = match self.store.begin_start(&id).await {
             Ok(d) => d,
             Err(e) => {
                 forget();
-                tracing::error!(eval_id = %id, error = %e, "cannot start evaluation");
-                return;
+                return self.start_failed(&id, e).await;
             }
         };
         let started = async {
@@ -267,11 +273,7 @@ impl Queue {
             m.remove(&id);
         }
         if let Err(e) = started {
-            if !matches!(e, StoreError::WrongState(..) | StoreError::NotFound) {
-                tracing::error!(eval_id = %id, error = %e, "cannot start evaluation");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            return;
+            return self.start_failed(&id, e).await;
         }
         self.stats
             .run_seconds
