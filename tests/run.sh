@@ -38,6 +38,7 @@ stage_deps() {
   command -v chromedriver >/dev/null || missing+=(chromium-driver)
   command -v promtool >/dev/null || missing+=(prometheus)   # promtool checks /metrics
   command -v gnuplot >/dev/null || missing+=(gnuplot-nox)    # benches/soak.rs plots its PNG
+  command -v curl >/dev/null || missing+=(curl)   # tests/schemathesis.sh makes its evaluations
   # The VM test (tests/vm/): qemu, an image built with debootstrap, ext4 disks made
   # without mounting (mkfs.ext4 -d) and read back with debugfs. No recommends (qemu's
   # would pull a GUI).

@@ -68,6 +68,46 @@ for _ in $(seq 1 300); do [ -s "$work/data/listen.addr" ] && break; sleep 0.1; d
 [ -s "$work/data/listen.addr" ] || { echo "the server did not start:" >&2; cat "$OUT/server.log" >&2; exit 1; }
 base="http://$(cat "$work/data/listen.addr")"
 
+# Real evaluations, for the operations that take one's id in the path (`{id}`): without
+# them every id schemathesis makes up names nothing (404), and only its stateful phase,
+# following the links from a submission, ever reads a record. How many links that phase
+# covers moves with the ids the server hands out (they begin with the time): 5 to 14 of 22
+# with the same seed; when it missed GET /api/eval-status/{id}, schemathesis warned "Missing
+# test data" and the run failed at random. So each such path is given (below, in the
+# configuration) the id of an evaluation made here through the API and waited for until
+# it ended: every phase then reads a real record, whatever the stateful phase reaches.
+# Each path gets an outcome of its own, so that the record's shapes are all checked
+# against the schema. A terminal evaluation never changes, so the answers stay the same
+# for the whole run, and no other operation can undo them (a paused queue, say). The
+# stateful phase uses these ids too (a configured value wins over the one a link
+# supplies): its read or cancel after a submission reads or cancels these, not the new one.
+api() {
+  curl -sS --fail-with-body --max-time 10 -H "Authorization: Bearer $token" \
+    -H 'Content-Type: application/json' "$@"
+}
+field() { /usr/bin/python3 -c 'import json, sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
+submit() { api -d "$1" "$base/api/eval" | field eval_id; }
+ended() {  # ended ID STATUS: waits (?wait= holds the answer up to max_wait_secs) for STATUS
+  local status=
+  for _ in $(seq 1 30); do
+    status=$(api "$base/api/eval/$1?wait=1" | field status)
+    case $status in queued|running) ;; *) break ;; esac
+  done
+  [ "$status" = "$2" ] || { echo "evaluation $1 ended $status, not $2" >&2; exit 1; }
+}
+completed_id=$(submit '{"code": "print(\"hello\")", "language": "python"}')
+ended "$completed_id" completed
+failed_id=$(submit '{"code": "import sys; sys.exit(3)", "language": "python"}')
+ended "$failed_id" failed
+judged_id=$(submit '{"code": "print(int(input()) * 2)", "language": "python",
+  "tests": [{"name": "double", "stdin": "21", "expected_output": "42"},
+            {"name": "wrong", "stdin": "1", "expected_output": "3"}]}')
+ended "$judged_id" completed
+# Cancelled while it sleeps; cancelling it again is 409 already_terminal (documented).
+cancelled_id=$(submit '{"code": "import time; time.sleep(5)", "language": "python", "timeout": 5}')
+api -X POST "$base/api/eval/$cancelled_id/cancel" > /dev/null
+ended "$cancelled_id" cancelled
+
 # Project configuration: every warning fails the run, except where an operation says why.
 cat > "$work/schemathesis.toml" <<'EOF'
 request-timeout = 10
@@ -93,6 +133,25 @@ max-stream-events = 10
 [[operations]]
 include-path = "/api/admin/sinks/{name}/replay"
 warnings = { display = [], fail-on = false }
+EOF
+# The evaluations made above, one per path that takes an id (see there).
+cat >> "$work/schemathesis.toml" <<EOF
+
+[[operations]]
+include-path = "/api/eval/{id}"
+parameters = { "path.id" = "$completed_id" }
+
+[[operations]]
+include-path = "/api/eval-status/{id}"
+parameters = { "path.id" = "$failed_id" }
+
+[[operations]]
+include-path = "/api/eval/{id}/status"
+parameters = { "path.id" = "$judged_id" }
+
+[[operations]]
+include-path = "/api/eval/{id}/cancel"
+parameters = { "path.id" = "$cancelled_id" }
 EOF
 
 echo "== schemathesis $VERSION against $base (seed $SEED, $EXAMPLES examples per operation)"
