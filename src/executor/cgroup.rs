@@ -500,14 +500,20 @@ impl RunCgroup {
 
     /// Start counting a run in a group that already holds processes (a pooled sandbox):
     /// the peak memory starts again where the kernel lets it be reset (v1), and the CPU
-    /// time used so far is returned, for the run's own time to be counted from it.
-    pub fn begin(&self) -> u64 {
-        if self.version == Version::V1 {
+    /// time and OOM kills so far are returned, for the run's own to be counted from them.
+    pub fn begin(&self) -> CgroupUsage {
+        if self.peak_resets() {
             if let Some(m) = self.dir("memory") {
                 let _ = write(&m.join("memory.max_usage_in_bytes"), "0");
             }
         }
-        self.usage().cpu_usec.unwrap_or(0)
+        self.usage()
+    }
+
+    /// Whether [`RunCgroup::begin`] restarts the peak memory (cgroup v1; v2's
+    /// `memory.peak` cannot be reset before Linux 6.12).
+    pub fn peak_resets(&self) -> bool {
+        self.version == Version::V1
     }
 
     /// What the kernel counted so far.

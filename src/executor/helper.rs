@@ -26,7 +26,7 @@ use hakoniwa::{Container, MountOptions, Namespace, Rlimit, Runctl, Stdio};
 use serde::{Deserialize, Serialize};
 use std::ffi::CString;
 use std::io::{Read, Write};
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 /// Uid/gid the program sees inside the sandbox.
@@ -78,11 +78,12 @@ pub struct Spec {
     pub pooled: bool,
 }
 
-/// The run given to a pooled sandbox, on its stdin: `[u64 LE length][this, as JSON]
-/// [u64 LE length][a tar of /build, or nothing]`, then the program's own stdin. The
-/// sandbox's first process reads exactly the frame (unbuffered), writes /code (and
-/// /build) into fresh tmpfs mounts made read-only before anything else runs, applies the
-/// limits and becomes the program.
+/// The run given to a pooled sandbox, on its control socket (its stdin): `[u64 LE
+/// length][this, as JSON][u64 LE length][a tar of /build, or nothing]`, with the read end
+/// of the program's stdin pipe passed along (none when it serves tests). The sandbox's
+/// first process reads exactly the frame, writes /code (and /build) into fresh tmpfs
+/// mounts made read-only before anything else runs, applies the limits and becomes the
+/// program (or serves tests).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Assignment {
     /// Files under /code: (relative path, content).
@@ -98,6 +99,13 @@ pub struct Assignment {
     pub max_file_bytes: u64,
     pub max_open_files: u64,
     pub cpu_secs: u64,
+    /// Serve tests: instead of becoming the program, the first process runs it once per
+    /// test request on the control socket (see `serve_tests`), each time in new PID,
+    /// mount and IPC namespaces with a fresh /tmp of `tmp_bytes`.
+    #[serde(default)]
+    pub serve: bool,
+    #[serde(default)]
+    pub tmp_bytes: u64,
 }
 
 /// The largest assignment a pooled sandbox accepts (the API caps code and files far
@@ -397,7 +405,18 @@ fn run_pooled(spec: &Spec, mut c: Container) -> Result<HelperResult, String> {
     // this single-threaded helper, and ends in execve or an exit.
     let mut cmd = unsafe {
         c.command_from_closure(move || match take_assignment(filters.clone()) {
-            Ok(exec) => exec_program(&exec),
+            Ok(Taken::Run(exec, stdin)) => {
+                // dup2 onto fd 0 (the control socket, which closes with it).
+                if libc::dup2(stdin.as_raw_fd(), 0) < 0 {
+                    return sandbox_step_failed(
+                        "cannot take the run's stdin",
+                        std::io::Error::last_os_error().to_string(),
+                    );
+                }
+                drop(stdin);
+                exec_program(&exec)
+            }
+            Ok(Taken::Serve(exec, tmp_bytes)) => serve_tests(&exec, tmp_bytes),
             Err(e) => sandbox_step_failed("cannot take the run", e),
         })
     };
@@ -412,33 +431,53 @@ fn run_pooled(spec: &Spec, mut c: Container) -> Result<HelperResult, String> {
     finish(cmd)
 }
 
-/// In a pooled sandbox's first process: read the assignment (exactly its frame: what
-/// follows is the program's stdin), put its files in place on fresh tmpfs mounts made
-/// read-only, apply its limits, and prepare the program.
-fn take_assignment(filters: Option<Vec<seccompiler::BpfProgram>>) -> Result<Exec, String> {
-    // Unbuffered: nothing past the frame may be read here.
-    // SAFETY: fd 0 is this process's stdin; ManuallyDrop leaves it open for the program.
-    let mut stdin = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(0) });
-    let mut read_block = |max: u64| -> Result<Vec<u8>, String> {
-        let mut len = [0u8; 8];
-        stdin
-            .read_exact(&mut len)
-            .map_err(|e| format!("no assignment: {e}"))?;
-        let len = u64::from_le_bytes(len);
+/// What a pooled sandbox's first process does once it has its run.
+enum Taken {
+    /// Become the program, with this stdin.
+    Run(Exec, OwnedFd),
+    /// Serve tests (fresh /tmp of this many bytes each).
+    Serve(Exec, u64),
+}
+
+/// In a pooled sandbox's first process: read the assignment (exactly its frame), put its
+/// files in place on fresh tmpfs mounts made read-only, apply its limits, and prepare the
+/// program.
+fn take_assignment(filters: Option<Vec<seccompiler::BpfProgram>>) -> Result<Taken, String> {
+    // SAFETY: fd 0 is this process's control socket; ManuallyDrop leaves it open.
+    let mut control = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(0) });
+    let mut len = [0u8; 8];
+    let mut passed = super::wire::recv_with_fds(0, &mut len, 1)?
+        .ok_or("no assignment: the control socket closed")?;
+    let mut read_block = |len: Option<[u8; 8]>, max: u64| -> Result<Vec<u8>, String> {
+        let len = match len {
+            Some(l) => u64::from_le_bytes(l),
+            None => {
+                let mut l = [0u8; 8];
+                control
+                    .read_exact(&mut l)
+                    .map_err(|e| format!("a cut assignment: {e}"))?;
+                u64::from_le_bytes(l)
+            }
+        };
         if len > max {
             return Err(format!("an assignment block of {len} bytes is over {max}"));
         }
         let mut buf = vec![0u8; len as usize];
-        stdin
+        control
             .read_exact(&mut buf)
             .map_err(|e| format!("a cut assignment: {e}"))?;
         Ok(buf)
     };
-    let json = read_block(MAX_ASSIGNMENT_BYTES)?;
+    let json = read_block(Some(len), MAX_ASSIGNMENT_BYTES)?;
     let a: Assignment =
         serde_json::from_slice(&json).map_err(|e| format!("a bad assignment: {e}"))?;
     drop(json);
-    let tar = read_block(a.build_bytes)?;
+    let stdin = match (a.serve, passed.pop()) {
+        (false, Some(fd)) => Some(fd),
+        (true, None) => None,
+        _ => return Err("an assignment with the wrong descriptors".into()),
+    };
+    let tar = read_block(None, a.build_bytes)?;
 
     let code_bytes: u64 = a.files.iter().map(|(_, c)| c.len() as u64 + 4096).sum();
     mount_tmpfs(CODE_DIR, code_bytes + 64 * 1024, 0o755)?;
@@ -457,43 +496,193 @@ fn take_assignment(filters: Option<Vec<seccompiler::BpfProgram>>) -> Result<Exec
     }
     drop(tar);
 
-    for (resource, value, hard) in [
+    let mut limits = vec![
         (libc::RLIMIT_AS, a.memory_bytes, a.memory_bytes),
         (libc::RLIMIT_NPROC, a.max_processes, a.max_processes),
         (libc::RLIMIT_FSIZE, a.max_file_bytes, a.max_file_bytes),
         (libc::RLIMIT_NOFILE, a.max_open_files, a.max_open_files),
-        (libc::RLIMIT_CPU, a.cpu_secs, a.cpu_secs + 1),
-    ] {
-        let lim = libc::rlimit {
-            rlim_cur: value,
-            rlim_max: hard,
+    ];
+    // A serving process's CPU time limit is each test's own (set in the test's process).
+    if !a.serve {
+        limits.push((libc::RLIMIT_CPU, a.cpu_secs, a.cpu_secs + 1));
+    }
+    for (resource, value, hard) in limits {
+        set_rlimit(resource, value, hard)?;
+    }
+    let exec = Exec::build(&a.program, &a.args, &a.env, filters)?;
+    Ok(match stdin {
+        Some(fd) => Taken::Run(exec, fd),
+        None => Taken::Serve(exec, a.tmp_bytes),
+    })
+}
+
+fn set_rlimit(resource: libc::__rlimit_resource_t, value: u64, hard: u64) -> Result<(), String> {
+    let lim = libc::rlimit {
+        rlim_cur: value,
+        rlim_max: hard,
+    };
+    // SAFETY: setrlimit with a valid struct.
+    if unsafe { libc::setrlimit(resource, &lim) } != 0 {
+        return Err(format!("setrlimit: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Serve tests (in a pooled sandbox's first process, PID 1 of the sandbox's PID
+/// namespace): for each request on the control socket (fd 0: the test's CPU seconds, with
+/// its stdin, stdout and stderr passed along), start the program in a new process that is
+/// PID 1 of new PID, mount and IPC namespaces ([`test_process`]), wait for it, and answer
+/// how it ended. When that process ends, the kernel kills everything else of its PID
+/// namespace and reaps it before `wait4` returns: nothing of a test outlives it. Ends
+/// when the appliance closes the socket.
+///
+/// This process is made non-dumpable first: a test's program (the same uid, no
+/// capabilities) can neither trace it nor open its /proc files, were it to see it.
+fn serve_tests(x: &Exec, tmp_bytes: u64) -> i32 {
+    // SAFETY: prctl and umount2 with valid arguments.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        // The sandbox's own /tmp is nobody's: each test mounts its own.
+        libc::umount2(c"/tmp".as_ptr(), libc::MNT_DETACH);
+    }
+    // SAFETY: fd 0 is the control socket.
+    let mut control = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(0) });
+    loop {
+        let mut req = [0u8; super::wire::REQUEST_BYTES];
+        let fds = match super::wire::recv_with_fds(0, &mut req, 3) {
+            Ok(None) => return 0,
+            Ok(Some(fds)) if fds.len() == 3 => fds,
+            Ok(Some(_)) => {
+                return sandbox_step_failed("a test request", "without its descriptors".into())
+            }
+            Err(e) => return sandbox_step_failed("a test request", e),
         };
-        // SAFETY: setrlimit with a valid struct.
-        if unsafe { libc::setrlimit(resource, &lim) } != 0 {
-            return Err(format!("setrlimit: {}", std::io::Error::last_os_error()));
+        let cpu_secs = u64::from_le_bytes(req);
+        let flags = libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC;
+        // SAFETY: clone without a new stack behaves as fork (the child runs on a copy of
+        // this stack) in this single-threaded process; the child only sets up its own
+        // namespaces and ends in execve or _exit.
+        let pid = unsafe {
+            libc::syscall(
+                libc::SYS_clone,
+                (flags | libc::SIGCHLD) as libc::c_ulong,
+                0usize,
+                0usize,
+                0usize,
+                0usize,
+            )
+        };
+        if pid == 0 {
+            let code = test_process(x, &fds, cpu_secs, tmp_bytes);
+            // SAFETY: leave the child without running this process's destructors.
+            unsafe { libc::_exit(code) }
+        }
+        drop(fds);
+        let reply = if pid < 0 {
+            eprintln!(
+                "crucible sandbox: cannot start a test: {}",
+                std::io::Error::last_os_error()
+            );
+            super::wire::Reply::default()
+        } else {
+            wait_test(pid as libc::pid_t)
+        };
+        if control.write_all(&reply.encode()).is_err() {
+            return 0;
         }
     }
-    Exec::build(&a.program, &a.args, &a.env, filters)
+}
+
+/// Wait for a test's process; how it ended and what it used.
+fn wait_test(pid: libc::pid_t) -> super::wire::Reply {
+    let mut st = 0;
+    // SAFETY: a zeroed rusage is valid; wait4 fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: waiting for our own child.
+        let rc = unsafe { libc::wait4(pid, &mut st, 0, &mut ru) };
+        if rc == pid {
+            break;
+        }
+        if rc < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return super::wire::Reply::default();
+        }
+    }
+    let ms = |t: libc::timeval| (t.tv_sec.max(0) as u64) * 1000 + (t.tv_usec.max(0) as u64) / 1000;
+    super::wire::Reply {
+        exit_code: libc::WIFEXITED(st).then(|| libc::WEXITSTATUS(st)),
+        signal: libc::WIFSIGNALED(st).then(|| libc::WTERMSIG(st)),
+        max_rss_kb: ru.ru_maxrss.max(0) as u64,
+        user_ms: ms(ru.ru_utime),
+        sys_ms: ms(ru.ru_stime),
+    }
+}
+
+/// A test's process, PID 1 of its own PID namespace: the test's descriptors on 0, 1, 2
+/// and nothing else open, a fresh /tmp and a /proc of its own namespace (the serving
+/// process is not in it), its CPU time limit, then the same last steps as every run.
+fn test_process(x: &Exec, fds: &[OwnedFd], cpu_secs: u64, tmp_bytes: u64) -> i32 {
+    for (i, fd) in fds.iter().enumerate() {
+        // SAFETY: dup2 of descriptors we hold onto 0, 1, 2.
+        if unsafe { libc::dup2(fd.as_raw_fd(), i as libc::c_int) } < 0 {
+            return EXIT_SANDBOX_STEP;
+        }
+    }
+    // SAFETY: close_range closes every descriptor from 3 up (the control socket and
+    // anything else of the serving process); it takes no pointers.
+    if unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) } != 0 {
+        for fd in 3..1024 {
+            // SAFETY: closing descriptors of this process.
+            unsafe { libc::close(fd) };
+        }
+    }
+    let step = || -> Result<(), String> {
+        mount_fs(
+            "tmpfs",
+            "/tmp",
+            "tmpfs",
+            libc::MS_NOEXEC,
+            &format!("size={tmp_bytes},nr_inodes=16384,mode=1777"),
+        )?;
+        mount_fs("proc", "/proc", "proc", libc::MS_NOEXEC, "")?;
+        std::env::set_current_dir("/tmp").map_err(|e| format!("cannot enter /tmp: {e}"))?;
+        set_rlimit(libc::RLIMIT_CPU, cpu_secs, cpu_secs + 1)
+    };
+    if let Err(e) = step() {
+        return sandbox_step_failed("cannot prepare the test", e);
+    }
+    exec_program(x)
 }
 
 /// A fresh tmpfs at `target` (no devices, no set-uid).
 fn mount_tmpfs(target: &str, bytes: u64, mode: u32) -> Result<(), String> {
+    let opts = format!("size={bytes},nr_inodes=16384,mode={mode:o}");
+    mount_fs("tmpfs", target, "tmpfs", 0, &opts)
+}
+
+/// Mount a new `fstype` at `target`, never with devices or set-uid (`flags` adds to that).
+fn mount_fs(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    opts: &str,
+) -> Result<(), String> {
     let c = |s: &str| CString::new(s).map_err(|_| format!("NUL byte in {s:?}"));
-    let (src, dst, fs) = (c("tmpfs")?, c(target)?, c("tmpfs")?);
-    let opts = c(&format!("size={bytes},nr_inodes=16384,mode={mode:o}"))?;
+    let (src, dst, fs, opts) = (c(source)?, c(target)?, c(fstype)?, c(opts)?);
     // SAFETY: mount(2) with NUL-terminated strings that live across the call.
     let rc = unsafe {
         libc::mount(
             src.as_ptr(),
             dst.as_ptr(),
             fs.as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV,
+            libc::MS_NOSUID | libc::MS_NODEV | flags,
             opts.as_ptr().cast(),
         )
     };
     if rc != 0 {
         return Err(format!(
-            "cannot mount a tmpfs on {target}: {}",
+            "cannot mount a {fstype} on {target}: {}",
             std::io::Error::last_os_error()
         ));
     }
@@ -631,7 +820,6 @@ fn last_steps(x: &Exec) -> Result<(), i32> {
 /// send back (on stdout) how it ended, its output and a tar of /build, read here, in the
 /// sandbox's own view, without following any link.
 fn compile_and_send(x: &Exec, build_bytes: u64, cap: u64) -> i32 {
-    use std::os::fd::AsRawFd;
     if let Err(code) = last_steps(x) {
         return code;
     }

@@ -9,6 +9,7 @@ pub mod docker;
 pub mod helper;
 pub mod sandbox;
 pub mod seccomp;
+pub mod wire;
 
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -202,11 +203,62 @@ pub trait Executor: Send + Sync + 'static {
     fn ready(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async { Ok(()) })
     }
+    /// Runs of one program, one after another (an evaluation's tests), when this backend
+    /// has a cheaper way than a fresh [`Executor::run`] each (the sandbox: one sandbox
+    /// serving them all). `None`: each run is a fresh [`Executor::run`] ([`runs_of`]).
+    fn runs<'a>(&'a self, _job: &Job) -> Option<Box<dyn Runs + 'a>> {
+        None
+    }
     /// Backend-specific metrics for /metrics.
     fn metrics(&self, _e: &mut crate::ops::metrics::Exposition) {}
     /// Called once at shutdown, after the last run ended: release what the backend holds
     /// outside this process (e.g. containers).
     fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// Runs of one program, one after another, each in a clean environment: nothing of a run
+/// (files, processes, IPC objects) is left for the next.
+pub trait Runs: Send {
+    /// Run the program once more, with this stdin and timeout; as [`Executor::run`].
+    fn run<'a>(
+        &'a mut self,
+        stdin: Option<String>,
+        timeout: Duration,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'a, RunOutput>;
+    /// Release what it holds, once the last run is over.
+    fn close(self: Box<Self>) -> BoxFuture<'static, ()>;
+}
+
+/// The runs of `job` on `executor`: its own way when it has one, else a fresh run each.
+pub fn runs_of<'a>(executor: &'a dyn Executor, job: Job) -> Box<dyn Runs + 'a> {
+    match executor.runs(&job) {
+        Some(r) => r,
+        None => Box::new(EachFresh { executor, job }),
+    }
+}
+
+/// Runs as fresh [`Executor::run`]s.
+struct EachFresh<'a> {
+    executor: &'a dyn Executor,
+    job: Job,
+}
+
+impl Runs for EachFresh<'_> {
+    fn run<'b>(
+        &'b mut self,
+        stdin: Option<String>,
+        timeout: Duration,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'b, RunOutput> {
+        self.job.stdin = stdin;
+        self.job.timeout = timeout;
+        self.executor.run(&self.job, cancel)
+    }
+
+    fn close(self: Box<Self>) -> BoxFuture<'static, ()> {
         Box::pin(async {})
     }
 }

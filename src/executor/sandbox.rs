@@ -12,6 +12,8 @@
 //! happen, loudly: per-process rlimits, and a watchdog that sums the memory of the run's
 //! processes every few tens of milliseconds and kills the run past its allowance.
 
+mod session;
+
 use super::cgroup::{CgroupLimits, Cgroups, RunCgroup};
 use super::helper::{Assignment, HelperResult, Spec, BUILD_DIR, CODE_DIR};
 use super::{
@@ -24,6 +26,7 @@ use crate::ops::metrics::{Exposition, LabeledCounter};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -100,6 +103,8 @@ struct Warm {
     cgroup: Option<RunCgroup>,
     run_dir: RunDir,
     result_r: OwnedFd,
+    /// Its stdin: the control socket its first process reads its run from (until given).
+    control: Option<UnixStream>,
     name: String,
 }
 
@@ -146,10 +151,13 @@ struct Launched {
     result_r: OwnedFd,
     /// The spec still to write on fd 3 (cold).
     spec: Option<(OwnedFd, Vec<u8>)>,
-    /// What its stdin gets first: the assignment frame when pooled (then the pool is
-    /// refilled), else nothing.
-    frame: Vec<u8>,
-    /// Then the program's stdin.
+    /// Pooled: the control socket, the assignment frame to send on it (then the pool is
+    /// refilled) and the read end of the program's stdin pipe to pass along it (none when
+    /// it serves tests).
+    control: Option<(UnixStream, Vec<u8>, Option<OwnedFd>)>,
+    /// The write end of the program's stdin pipe (pooled; else the helper's stdin).
+    stdin_w: Option<OwnedFd>,
+    /// The program's stdin.
     input: Vec<u8>,
     /// CPU time (µs) its cgroup had used before the run (a pooled sandbox's setup).
     cpu_base: u64,
@@ -374,8 +382,9 @@ impl SandboxExecutor {
         let mut spec = self.spec(&idle, &run_dir.path);
         spec.pooled = true;
         let spec = serde_json::to_vec(&spec).map_err(|e| format!("spec: {e}"))?;
-        let (mut child, spec_w, result_r) =
-            spawn_helper(&self.exe).map_err(|e| format!("cannot start the sandbox helper: {e}"))?;
+        let (mut child, spec_w, result_r, control) = spawn_helper(&self.exe, true)
+            .map_err(|e| format!("cannot start the sandbox helper: {e}"))?;
+        let control = control.ok_or("the sandbox helper has no control socket")?;
         let pid = child.id().unwrap_or(0);
         // Moving a process into a cgroup waits for the kernel (an RCU grace period on
         // cgroup v1): done here, ahead of the run, on a blocking thread.
@@ -405,6 +414,7 @@ impl SandboxExecutor {
                 cgroup,
                 run_dir,
                 result_r,
+                control: Some(control),
                 name,
             }),
             Err(e) => {
@@ -434,8 +444,14 @@ impl SandboxExecutor {
     }
 
     /// Give a pooled sandbox its run: the run's limits on its cgroup, then its files,
-    /// build and limits as the frame ahead of the program's stdin.
-    fn assign(&self, w: Warm, run: &SandboxRun<'_>) -> Result<Launched, Box<(Warm, String)>> {
+    /// build and limits as the frame to send on its control socket (with the program's
+    /// stdin pipe; or, to `serve` tests, without).
+    fn assign(
+        &self,
+        w: Warm,
+        run: &SandboxRun<'_>,
+        serve: bool,
+    ) -> Result<Launched, Box<(Warm, String)>> {
         let spec = self.spec(run, &w.run_dir.path);
         let (tar, build_bytes) = match &run.build_ro {
             Some(dir) => {
@@ -458,10 +474,19 @@ impl SandboxExecutor {
             max_file_bytes: spec.max_file_bytes,
             max_open_files: spec.max_open_files,
             cpu_secs: spec.cpu_secs,
+            serve,
+            tmp_bytes: run.tmp_bytes,
         };
         let frame = match super::helper::assignment_frame(&assignment, &tar) {
             Ok(f) => f,
             Err(e) => return Err(Box::new((w, e))),
+        };
+        let (stdin_r, stdin_w) = match serve {
+            true => (None, None),
+            false => match pipe_cloexec() {
+                Ok((r, w)) => (Some(r), Some(w)),
+                Err(e) => return Err(Box::new((w, format!("cannot make a stdin pipe: {e}")))),
+            },
         };
         let mut cpu_base = 0;
         if let Some(g) = &w.cgroup {
@@ -471,7 +496,7 @@ impl SandboxExecutor {
                     format!("cannot set the run's limits on its cgroup: {e}"),
                 )));
             }
-            cpu_base = g.begin();
+            cpu_base = g.begin().cpu_usec.unwrap_or(0);
         }
         tracing::debug!(run = %w.name, "pooled sandbox assigned");
         let Warm {
@@ -479,15 +504,30 @@ impl SandboxExecutor {
             cgroup,
             run_dir,
             result_r,
+            control,
             ..
         } = w;
+        let Some(control) = control else {
+            return Err(Box::new((
+                Warm {
+                    child,
+                    cgroup,
+                    run_dir,
+                    result_r,
+                    control: None,
+                    name: String::new(),
+                },
+                "the sandbox was given a run already".into(),
+            )));
+        };
         Ok(Launched {
             child,
             cgroup,
             _run_dir: run_dir,
             result_r,
             spec: None,
-            frame,
+            control: Some((control, frame, stdin_r)),
+            stdin_w,
             input: run.stdin.unwrap_or_default().as_bytes().to_vec(),
             cpu_base,
             pooled: true,
@@ -499,8 +539,8 @@ impl SandboxExecutor {
         let (name, run_dir) = self.new_run_dir()?;
         let spec =
             serde_json::to_vec(&self.spec(run, &run_dir.path)).map_err(|e| format!("spec: {e}"))?;
-        let (mut child, spec_w, result_r) =
-            spawn_helper(&self.exe).map_err(|e| format!("cannot start the sandbox helper: {e}"))?;
+        let (mut child, spec_w, result_r, _) = spawn_helper(&self.exe, false)
+            .map_err(|e| format!("cannot start the sandbox helper: {e}"))?;
         let pid = child.id().unwrap_or(0);
         // The helper waits for its spec: nothing of the run starts before it is contained.
         let cgroup = match self.contain(&run.limits, pid, &name) {
@@ -516,7 +556,8 @@ impl SandboxExecutor {
             _run_dir: run_dir,
             result_r,
             spec: Some((spec_w, spec)),
-            frame: Vec::new(),
+            control: None,
+            stdin_w: None,
             input: run.stdin.unwrap_or_default().as_bytes().to_vec(),
             cpu_base: 0,
             pooled: false,
@@ -607,7 +648,6 @@ impl SandboxExecutor {
 
     fn spec(&self, run: &SandboxRun<'_>, run_dir: &Path) -> Spec {
         let secs = run.timeout.as_secs_f64().ceil() as u64;
-        let cpu_secs = (run.limits.cpu_ms.div_ceil(1000)).min(secs.max(1));
         let memory = run.limits.memory_mb * 1024 * 1024;
         // With a cgroup, the cgroup is the memory limit: runtimes that reserve large
         // virtual ranges (JVM, Go, Node) must run. Without one, the address space is a
@@ -642,7 +682,7 @@ impl SandboxExecutor {
             max_processes: nproc,
             max_file_bytes: self.max_file_bytes,
             max_open_files: self.max_open_files,
-            cpu_secs: cpu_secs + 1,
+            cpu_secs: rlimit_cpu_secs(&run.limits, run.timeout),
             tmp_bytes: run.tmp_bytes,
             backstop_secs: secs.max(1) + 2,
             pooled: false,
@@ -726,7 +766,7 @@ impl SandboxExecutor {
             true => self.take_warm().await,
             false => None,
         };
-        let launched = match warm.map(|w| self.assign(w, &run)) {
+        let launched = match warm.map(|w| self.assign(w, &run, false)) {
             Some(Ok(l)) => Ok(l),
             Some(Err(failed)) => {
                 let (w, e) = *failed;
@@ -743,7 +783,8 @@ impl SandboxExecutor {
             _run_dir,
             result_r,
             spec,
-            frame,
+            control,
+            stdin_w,
             input,
             cpu_base,
             pooled,
@@ -774,19 +815,26 @@ impl SandboxExecutor {
                 Err(_) => Vec::new(),
             }
         });
-        let refill = pooled.then(|| self.pool.wake.clone());
-        let stdin_task = child.stdin.take().map(|mut w| {
-            tokio::spawn(async move {
-                if !frame.is_empty() {
-                    let _ = w.write_all(&frame).await;
+        let wake = self.pool.wake.clone();
+        let stdin_task = match (control, stdin_w) {
+            (Some((control, frame, stdin_r)), Some(stdin_w)) => Some(tokio::spawn(async move {
+                let fds: Vec<_> = stdin_r.iter().map(|f| f.as_raw_fd()).collect();
+                let sent = session::send_frame(control, &frame, &fds).await;
+                drop(stdin_r);
+                wake.notify_one();
+                if sent.is_ok() {
+                    if let Ok(mut w) = tokio::net::unix::pipe::Sender::from_owned_fd(stdin_w) {
+                        let _ = w.write_all(&input).await;
+                    }
                 }
-                if let Some(wake) = refill {
-                    wake.notify_one();
-                }
-                let _ = w.write_all(&input).await;
-                let _ = w.shutdown().await;
-            })
-        });
+            })),
+            _ => child.stdin.take().map(|mut w| {
+                tokio::spawn(async move {
+                    let _ = w.write_all(&input).await;
+                    let _ = w.shutdown().await;
+                })
+            }),
+        };
         // A compile step's stdout is its frame: the compiler's output and the build.
         let cap = match run.compile_build_bytes {
             Some(b) => (b + 2 * run.limits.max_output_bytes + 4096) as usize,
@@ -917,6 +965,30 @@ impl SandboxExecutor {
             termination,
             ..base
         }
+    }
+
+    /// An evaluation's run of `job`: its language's command with its files, build, stdin
+    /// and limits, in a pooled sandbox when one is ready.
+    fn job_run<'j>(&self, job: &'j Job) -> Result<SandboxRun<'j>, String> {
+        let lang = self
+            .languages
+            .get(&job.language)
+            .ok_or_else(|| self.why_not(&job.language))?;
+        let files = Self::job_files(lang, &job.code, &job.files);
+        let mut argv = self.command(&lang.run, lang, &files, job.limits.memory_mb)?;
+        argv.extend(job.args.iter().cloned());
+        Ok(SandboxRun {
+            argv,
+            env: lang.env.clone(),
+            files,
+            build_ro: job.artifact.clone(),
+            compile_build_bytes: None,
+            stdin: job.stdin.as_deref(),
+            timeout: job.timeout,
+            limits: job.limits,
+            tmp_bytes: self.tmp_bytes,
+            pooled: true,
+        })
     }
 
     fn why_not(&self, language: &str) -> String {
@@ -1064,29 +1136,20 @@ impl Executor for SandboxExecutor {
 
     fn run<'a>(&'a self, job: &'a Job, cancel: CancellationToken) -> BoxFuture<'a, RunOutput> {
         Box::pin(async move {
-            let Some(lang) = self.languages.get(&job.language) else {
-                return RunOutput::executor_error(self.why_not(&job.language), Duration::ZERO);
-            };
-            let files = Self::job_files(lang, &job.code, &job.files);
-            let mut argv = match self.command(&lang.run, lang, &files, job.limits.memory_mb) {
-                Ok(a) => a,
-                Err(e) => return RunOutput::executor_error(e, Duration::ZERO),
-            };
-            argv.extend(job.args.iter().cloned());
-            let run = SandboxRun {
-                argv,
-                env: lang.env.clone(),
-                files,
-                build_ro: job.artifact.clone(),
-                compile_build_bytes: None,
-                stdin: job.stdin.as_deref(),
-                timeout: job.timeout,
-                limits: job.limits,
-                tmp_bytes: self.tmp_bytes,
-                pooled: true,
-            };
-            self.run_sandbox(run, &job.eval_id, cancel).await
+            match self.job_run(job) {
+                Ok(run) => self.run_sandbox(run, &job.eval_id, cancel).await,
+                Err(e) => RunOutput::executor_error(e, Duration::ZERO),
+            }
         })
+    }
+
+    fn runs<'a>(&'a self, job: &Job) -> Option<Box<dyn super::Runs + 'a>> {
+        // Serving tests needs the run's cgroup (each test's usage is a delta of it, and a
+        // test is killed by killing it); without one, each test is a fresh run.
+        match self.containment {
+            Containment::Cgroup(_) => Some(Box::new(session::SessionRuns::new(self, job.clone()))),
+            Containment::Rlimit(_) => None,
+        }
     }
 
     fn compile<'a>(
@@ -1263,6 +1326,13 @@ impl Executor for SandboxExecutor {
     }
 }
 
+/// A run's RLIMIT_CPU: its CPU time, or its wall-clock timeout when shorter, rounded up,
+/// plus a second (the cgroup's counter is the exact limit; this is the second line).
+fn rlimit_cpu_secs(limits: &RunLimits, timeout: Duration) -> u64 {
+    let secs = timeout.as_secs_f64().ceil() as u64;
+    limits.cpu_ms.div_ceil(1000).min(secs.max(1)) + 1
+}
+
 /// Everything in `list`, leaving it empty.
 fn take_all<T>(list: &Mutex<Vec<T>>) -> Vec<T> {
     list.lock()
@@ -1366,18 +1436,27 @@ async fn join_capped(
     }
 }
 
-type Spawned = (tokio::process::Child, OwnedFd, OwnedFd);
+type Spawned = (tokio::process::Child, OwnedFd, OwnedFd, Option<UnixStream>);
 
-/// Start `crucible __sandbox` with the spec pipe on fd 3 and the result pipe on fd 4.
-fn spawn_helper(exe: &Path) -> std::io::Result<Spawned> {
+/// Start `crucible __sandbox` with the spec pipe on fd 3 and the result pipe on fd 4;
+/// with `control`, its stdin is one end of a Unix socket pair and the other is returned
+/// (a pooled sandbox's control socket), else a pipe.
+fn spawn_helper(exe: &Path, control: bool) -> std::io::Result<Spawned> {
     let (spec_r, spec_w) = pipe_cloexec()?;
     let (result_r, result_w) = pipe_cloexec()?;
     let spec_fd = spec_r.as_raw_fd();
     let result_fd = result_w.as_raw_fd();
+    let (ours, stdin) = match control {
+        true => {
+            let (ours, theirs) = UnixStream::pair()?;
+            (Some(ours), Stdio::from(OwnedFd::from(theirs)))
+        }
+        false => (None, Stdio::piped()),
+    };
     let mut cmd = tokio::process::Command::new(exe);
     cmd.arg("__sandbox")
         .env_clear()
-        .stdin(Stdio::piped())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
@@ -1407,7 +1486,7 @@ fn spawn_helper(exe: &Path) -> std::io::Result<Spawned> {
     let child = cmd.spawn()?;
     drop(spec_r);
     drop(result_w);
-    Ok((child, spec_w, result_r))
+    Ok((child, spec_w, result_r, ours))
 }
 
 fn pipe_cloexec() -> std::io::Result<(OwnedFd, OwnedFd)> {

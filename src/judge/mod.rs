@@ -1,16 +1,20 @@
 //! The judge: what happens to a `running` evaluation between its start and its end, on
 //! any executor. It compiles the program once (or takes it from the compile cache), then
-//! runs it once (no tests), or once per test with that test's stdin, each run in a fresh
-//! sandbox, compares each output with the expected one, and records each judged test as
-//! an `evaluation:progress` event (written while the next test runs, in order). It returns the terminal
-//! transition; the queue worker records it.
+//! runs it once (no tests), or once per test with that test's stdin, each in a clean
+//! environment (the executor's [`crate::executor::Runs`]: on the sandbox backend one
+//! sandbox serves all of an evaluation's tests, each in new namespaces), compares each
+//! output with the expected one, and records each judged test as an
+//! `evaluation:progress` event (written while the next test runs, in order). It returns
+//! the terminal transition; the queue worker records it.
 //!
 //! It never writes the store except through the store's operations.
 
 pub mod cache;
 
 use crate::config::Config;
-use crate::executor::{signal_name, CompileJob, Executor, Job, RunOutput, Termination};
+use crate::executor::{
+    runs_of, signal_name, CompileJob, Executor, Job, RunOutput, Runs, Termination,
+};
 use crate::model::{
     overall_verdict, CompileInfo, Evaluation, FailureReason, Finish, RunLimits, Score, Status,
     TestCase, TestOutcome, Verdict,
@@ -107,7 +111,12 @@ impl Judge {
             fin.compile = compile;
             return fin;
         }
-        match self.run_tests(rec, store, &compile, run, cancel).await {
+        let mut runs = runs_of(&*self.executor, run(None, rec.timeout));
+        let judged = self
+            .run_tests(rec, store, &compile, runs.as_mut(), cancel)
+            .await;
+        runs.close().await;
+        match judged {
             Ok(tests) => self.summary(tests, compile),
             Err(Stop::Cancelled) | Err(Stop::Gone) => {
                 let mut f = Finish::failed(
@@ -286,61 +295,67 @@ impl Judge {
         }
     }
 
-    /// Run every test in order; each judged test is recorded before the next starts.
+    /// Run every test in order; each judged test is recorded as it is judged.
     async fn run_tests(
         &self,
         rec: &Evaluation,
         store: &Store,
         compile: &Option<CompileInfo>,
-        job: impl Fn(Option<String>, f64) -> Job,
+        runs: &mut dyn Runs,
         cancel: CancellationToken,
     ) -> Result<Vec<TestCase>, Stop> {
+        use futures_util::FutureExt;
         let mut tests = rec.tests.clone();
         let mut failed = false;
-        // Each judged test's progress event is written while the next test runs (the
-        // store's writer keeps them in order; the next one is sent only once the previous
-        // one is on disk), so a test's durable write does not delay the next test.
-        let mut pending: Option<(usize, ProgressWrite<'_>)> = None;
+        // Each judged test's progress event is handed to the store's writer at once (it
+        // applies them in that order and flushes whatever has come in one go), and the
+        // next test runs while it is written: a test's durable write does not delay the
+        // next test. At most `MAX_PROGRESS_IN_FLIGHT` wait to be on disk.
+        let mut in_flight: std::collections::VecDeque<(usize, ProgressWrite)> =
+            std::collections::VecDeque::new();
         for (i, test) in rec.tests.iter().enumerate() {
-            let run = async {
-                if failed && rec.stop_on_failure {
-                    return Ok(TestOutcome::skipped());
-                }
-                let out = self
-                    .executor
-                    .run(&job(test.stdin.clone(), test.timeout), cancel.clone())
+            let outcome = if failed && rec.stop_on_failure {
+                TestOutcome::skipped()
+            } else {
+                let out = runs
+                    .run(
+                        test.stdin.clone(),
+                        Duration::from_secs_f64(test.timeout),
+                        cancel.clone(),
+                    )
                     .await;
                 match &out.termination {
                     Termination::Cancelled => return Err(Stop::Cancelled),
                     Termination::ExecutorError(e) => return Err(Stop::Executor(e.clone())),
                     _ => {}
                 }
-                Ok(judge_test(
-                    &out,
-                    test,
-                    rec,
-                    self.cfg.judge.test_output_bytes,
-                ))
+                judge_test(&out, test, rec, self.cfg.judge.test_output_bytes)
             };
-            let previous = async {
-                match pending.take() {
-                    Some((j, write)) => progress_written(&rec.eval_id, j, write.await),
-                    None => Ok(()),
-                }
-            };
-            let (outcome, previous) = tokio::join!(run, previous);
-            previous?;
-            let outcome = outcome?;
             self.stats.verdicts.add(&[outcome.verdict.as_str()], 1);
             failed |= outcome.verdict != Verdict::Accepted;
             tests[i] = test.judged(&outcome);
             let first = (i == 0).then_some(compile.as_ref()).flatten();
-            pending = Some((
-                i,
-                Box::pin(store.progress(&rec.eval_id, i, outcome, first.cloned())),
-            ));
+            let durable = store
+                .begin_progress(&rec.eval_id, i, outcome, first.cloned())
+                .await;
+            in_flight.push_back((i, Box::pin(durable)));
+            // Those already on disk (in order), and the oldest when too many wait.
+            loop {
+                let full = in_flight.len() > MAX_PROGRESS_IN_FLIGHT;
+                let Some((j, write)) = in_flight.front_mut() else {
+                    break;
+                };
+                let j = *j;
+                let r = match full {
+                    true => Some(write.await),
+                    false => write.now_or_never(),
+                };
+                let Some(r) = r else { break };
+                in_flight.pop_front();
+                progress_written(&rec.eval_id, j, r)?;
+            }
         }
-        if let Some((j, write)) = pending {
+        for (j, write) in in_flight {
             progress_written(&rec.eval_id, j, write.await)?;
         }
         Ok(tests)
@@ -413,9 +428,12 @@ fn cut(bytes: &[u8], keep: usize) -> (String, bool) {
 }
 
 /// A test's progress event on its way to the store.
-type ProgressWrite<'a> = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<Evaluation, StoreError>> + Send + 'a>,
->;
+/// A test's progress write, handed to the store's writer, until it is on disk.
+type ProgressWrite =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Evaluation, StoreError>> + Send>>;
+
+/// How many judged tests may wait for their progress write to be on disk.
+const MAX_PROGRESS_IN_FLIGHT: usize = 64;
 
 /// What a test's progress write means for the rest of the run: the evaluation is gone
 /// (cancelled, finished elsewhere) or not; another failure is logged (the final record

@@ -567,23 +567,27 @@ impl Store {
         .await
     }
 
-    /// Test `index` of a running evaluation was judged, durably (`evaluation:progress`).
-    pub async fn progress(
+    /// Test `index` of a running evaluation was judged (`evaluation:progress`), handed to
+    /// the writer now (so it is applied before every later write of this evaluation); the
+    /// returned future resolves once it is durable (a refused write answers there too).
+    pub async fn begin_progress(
         &self,
         eval_id: &str,
         index: usize,
         outcome: TestOutcome,
         compile: Option<CompileInfo>,
-    ) -> Result<Evaluation, StoreError> {
+    ) -> impl std::future::Future<Output = Result<Evaluation, StoreError>> + Send + 'static {
         let eval_id = eval_id.to_string();
-        self.call(|reply| Op::Progress {
-            eval_id,
-            index,
-            outcome: Box::new(outcome),
-            compile: compile.map(Box::new),
-            reply,
-        })
-        .await
+        let sent = self
+            .send(move |reply| Op::Progress {
+                eval_id,
+                index,
+                outcome: Box::new(outcome),
+                compile: compile.map(Box::new),
+                reply,
+            })
+            .await;
+        async move { sent?.await }
     }
 
     /// Cancel a queued or running evaluation, durably. Returns the record and the status
