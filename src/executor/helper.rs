@@ -100,8 +100,8 @@ pub struct Assignment {
     pub max_open_files: u64,
     pub cpu_secs: u64,
     /// Serve tests: instead of becoming the program, the first process runs it once per
-    /// test request on the control socket (see `serve_tests`), each time in new PID,
-    /// mount and IPC namespaces with a fresh /tmp of `tmp_bytes`.
+    /// test request on the control socket (see `serve_tests`), each time in new PID and
+    /// mount namespaces (its IPC objects removed after it) with a fresh /tmp of `tmp_bytes`.
     #[serde(default)]
     pub serve: bool,
     #[serde(default)]
@@ -531,10 +531,16 @@ fn set_rlimit(resource: libc::__rlimit_resource_t, value: u64, hard: u64) -> Res
 /// Serve tests (in a pooled sandbox's first process, PID 1 of the sandbox's PID
 /// namespace): for each request on the control socket (fd 0: the test's CPU seconds, with
 /// its stdin, stdout and stderr passed along), start the program in a new process that is
-/// PID 1 of new PID, mount and IPC namespaces ([`test_process`]), wait for it, and answer
-/// how it ended. When that process ends, the kernel kills everything else of its PID
-/// namespace and reaps it before `wait4` returns: nothing of a test outlives it. Ends
-/// when the appliance closes the socket.
+/// PID 1 of new PID and mount namespaces ([`test_process`]), wait for it, remove every
+/// IPC object it left ([`clear_ipc`]) and answer how it ended. When that process ends,
+/// the kernel kills everything else of its PID namespace and reaps it before `wait4`
+/// returns: nothing of a test outlives it. Ends when the appliance closes the socket.
+///
+/// IPC objects are removed here, before the answer, rather than left to a new IPC
+/// namespace per test: the kernel frees a dead IPC namespace's objects later, in the
+/// background, so their memory would still be charged to the sandbox's cgroup while the
+/// next test runs (a test holding 224 MiB of shared memory made the next one run out of
+/// memory).
 ///
 /// This process is made non-dumpable first: a test's program (the same uid, no
 /// capabilities) can neither trace it nor open its /proc files, were it to see it.
@@ -544,6 +550,11 @@ fn serve_tests(x: &Exec, tmp_bytes: u64) -> i32 {
         libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
         // The sandbox's own /tmp is nobody's: each test mounts its own.
         libc::umount2(c"/tmp".as_ptr(), libc::MNT_DETACH);
+    }
+    // The POSIX message queues of the sandbox's IPC namespace, listed there to be removed
+    // after each test (tests see their own /tmp on top).
+    if let Err(e) = mount_fs("mqueue", MQUEUE_DIR, "mqueue", libc::MS_NOEXEC, "") {
+        return sandbox_step_failed("cannot serve tests", e);
     }
     // SAFETY: fd 0 is the control socket.
     let mut control = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(0) });
@@ -558,7 +569,7 @@ fn serve_tests(x: &Exec, tmp_bytes: u64) -> i32 {
             Err(e) => return sandbox_step_failed("a test request", e),
         };
         let cpu_secs = u64::from_le_bytes(req);
-        let flags = libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC;
+        let flags = libc::CLONE_NEWPID | libc::CLONE_NEWNS;
         // SAFETY: clone without a new stack behaves as fork (the child runs on a copy of
         // this stack) in this single-threaded process; the child only sets up its own
         // namespaces and ends in execve or _exit.
@@ -578,7 +589,7 @@ fn serve_tests(x: &Exec, tmp_bytes: u64) -> i32 {
             unsafe { libc::_exit(code) }
         }
         drop(fds);
-        let reply = if pid < 0 {
+        let mut reply = if pid < 0 {
             eprintln!(
                 "crucible sandbox: cannot start a test: {}",
                 std::io::Error::last_os_error()
@@ -587,10 +598,60 @@ fn serve_tests(x: &Exec, tmp_bytes: u64) -> i32 {
         } else {
             wait_test(pid as libc::pid_t)
         };
-        if control.write_all(&reply.encode()).is_err() {
+        let cleared = clear_ipc();
+        if let Err(e) = &cleared {
+            eprintln!("crucible sandbox: cannot remove a test's IPC objects: {e}");
+            reply.spent = true;
+        }
+        if control.write_all(&reply.encode()).is_err() || cleared.is_err() {
             return 0;
         }
     }
+}
+
+/// Where a serving sandbox lists its POSIX message queues (its own /tmp, unmounted).
+const MQUEUE_DIR: &str = "/tmp";
+
+/// Remove every SysV shared memory segment, message queue and semaphore set, and every
+/// POSIX message queue, of the sandbox's IPC namespace (after a test: nobody is left to
+/// use them, so their memory is freed now). This process has the capabilities of the
+/// sandbox's user namespace, which owns the IPC namespace: whatever the objects'
+/// permissions, it may remove them.
+fn clear_ipc() -> Result<(), String> {
+    for kind in ["shm", "msg", "sem"] {
+        let path = format!("/proc/sysvipc/{kind}");
+        let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+        // A header line, then one line per object: key, id, ...
+        for id in text
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<libc::c_int>().ok())
+        {
+            // SAFETY: IPC_RMID takes no buffer.
+            let rc = unsafe {
+                match kind {
+                    "shm" => libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()),
+                    "msg" => libc::msgctl(id, libc::IPC_RMID, std::ptr::null_mut()),
+                    _ => libc::semctl(id, 0, libc::IPC_RMID),
+                }
+            };
+            let e = std::io::Error::last_os_error();
+            // Gone meanwhile is fine (nobody is left to remove it, but be exact).
+            if rc != 0
+                && e.raw_os_error() != Some(libc::EINVAL)
+                && e.raw_os_error() != Some(libc::EIDRM)
+            {
+                return Err(format!("cannot remove {kind} {id}: {e}"));
+            }
+        }
+    }
+    let entries = std::fs::read_dir(MQUEUE_DIR).map_err(|e| format!("{MQUEUE_DIR}: {e}"))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("{MQUEUE_DIR}: {e}"))?;
+        std::fs::remove_file(entry.path())
+            .map_err(|e| format!("cannot remove {}: {e}", entry.path().display()))?;
+    }
+    Ok(())
 }
 
 /// Wait for a test's process; how it ended and what it used.
@@ -615,6 +676,7 @@ fn wait_test(pid: libc::pid_t) -> super::wire::Reply {
         max_rss_kb: ru.ru_maxrss.max(0) as u64,
         user_ms: ms(ru.ru_utime),
         sys_ms: ms(ru.ru_stime),
+        spent: false,
     }
 }
 

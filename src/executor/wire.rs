@@ -13,8 +13,8 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 /// A test request: its CPU seconds (u64, little-endian); stdin, stdout, stderr ride along.
 pub const REQUEST_BYTES: usize = 8;
-/// A test's answer: five little-endian i64 (see [`Reply`]).
-pub const REPLY_BYTES: usize = 40;
+/// A test's answer: six little-endian i64 (see [`Reply`]).
+pub const REPLY_BYTES: usize = 48;
 
 /// How a test's process ended, as the sandbox's first process saw it (`wait4`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -25,6 +25,8 @@ pub struct Reply {
     pub max_rss_kb: u64,
     pub user_ms: u64,
     pub sys_ms: u64,
+    /// The sandbox cannot serve another test (it could not clean up after this one).
+    pub spent: bool,
 }
 
 impl Reply {
@@ -41,6 +43,7 @@ impl Reply {
             self.max_rss_kb as i64,
             self.user_ms as i64,
             self.sys_ms as i64,
+            self.spent as i64,
         ]
         .iter()
         .enumerate()
@@ -63,6 +66,7 @@ impl Reply {
             max_rss_kb: v(2).max(0) as u64,
             user_ms: v(3).max(0) as u64,
             sys_ms: v(4).max(0) as u64,
+            spent: v(5) != 0,
         }
     }
 }
@@ -193,6 +197,7 @@ mod tests {
                 max_rss_kb: 1234,
                 user_ms: 5,
                 sys_ms: 6,
+                spent: true,
             },
             Reply {
                 exit_code: None,

@@ -20,5 +20,6 @@ mod postgres;
 mod redis_rr;
 mod redis_sink;
 mod seed;
+mod sessions;
 mod soak;
 mod ui;

@@ -2,7 +2,7 @@
 //!
 //! A pooled sandbox (or one made now) is given the evaluation's program in serve mode:
 //! its files, build and limits are set up once (one root, one cgroup), and its first
-//! process then starts the program once per test in new PID, mount and IPC namespaces
+//! process then starts the program once per test in new PID and mount namespaces (removing its IPC objects after it)
 //! with a fresh /tmp and nothing of the previous test alive (see the helper's
 //! `serve_tests`). Each test gets its own stdin, stdout and stderr pipes, passed over the
 //! control socket; its wall time, CPU time (a delta of the cgroup's counter), peak memory
@@ -270,6 +270,7 @@ impl<'a> SessionRuns<'a> {
         let (stderr, t2) = err.unwrap_or_default();
         let after = cgroup.usage();
         let reply = Reply::decode(&reply);
+        keep &= !reply.spent;
         let oom_killed = after.oom_kills > before.oom_kills;
         if oom_killed {
             ex.stats.oom_kills.fetch_add(1, Ordering::Relaxed);
