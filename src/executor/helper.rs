@@ -516,7 +516,13 @@ fn take_assignment(filters: Option<Vec<seccompiler::BpfProgram>>) -> Result<Take
     })
 }
 
-fn set_rlimit(resource: libc::__rlimit_resource_t, value: u64, hard: u64) -> Result<(), String> {
+/// The type of setrlimit's resource argument (glibc and musl differ).
+#[cfg(target_env = "gnu")]
+type Resource = libc::__rlimit_resource_t;
+#[cfg(not(target_env = "gnu"))]
+type Resource = libc::c_int;
+
+fn set_rlimit(resource: Resource, value: u64, hard: u64) -> Result<(), String> {
     let lim = libc::rlimit {
         rlim_cur: value,
         rlim_max: hard,
