@@ -24,6 +24,7 @@ CHECKS=(
   submit_print             # c
   health_and_cgroups       # d
   containment              # e
+  judged_sessions          # e2
   journald_fields          # f
   security_exposure        # g
   stop_while_running       # h
@@ -373,6 +374,57 @@ EOF
     ok "8 GiB PROT_NONE reservation completes (no address-space rlimit under a cgroup)"
   else
     not_ok "8 GiB PROT_NONE reservation completes (no address-space rlimit under a cgroup)" "$(record e6)"
+  fi
+}
+
+# e2. An evaluation's tests in one sandbox under cgroup v2: per-test verdicts, a fresh /tmp
+# per test, and per-test peaks (v2 cannot reset memory.peak: the test's largest process).
+check_judged_sessions() {
+  need_service "judged tests in one sandbox" || return
+  cat > "$W/s1.py" <<'EOF'
+import os, sys
+mode = sys.stdin.read().strip()
+seen = sorted(os.listdir("/tmp"))
+open("/tmp/left-by-a-test", "w").write("x")
+if mode == "big":
+    data = b"\x01" * (100 << 20)
+elif mode == "hog":
+    chunks = []
+    while True:
+        chunks.append(b"\x01" * (1 << 20))
+print(mode, seen)
+EOF
+  cat > "$W/s1.tests.json" <<'EOF'
+[{"stdin": "big", "expected_output": "big []"},
+ {"stdin": "small", "expected_output": "small []"},
+ {"stdin": "hog", "expected_output": "never"},
+ {"stdin": "small", "expected_output": "small []"}]
+EOF
+  timeout 180 crucible submit "$W/s1.py" --language python --tests "$W/s1.tests.json" \
+    --timeout 20 --wait > "$W/s1.json" 2> "$W/s1.err"
+  local got v1 v2 v3 v4 p1 p2
+  got=$(python3 - "$W/s1.json" <<'PY'
+import json, sys
+try:
+    t = json.load(open(sys.argv[1])).get("tests") or []
+except Exception:
+    t = []
+print(" ".join(str(x.get("verdict")) for x in t), *(x.get("memory_peak_kb") for x in t))
+PY
+)
+  note "judged in one sandbox: $got"
+  read -r v1 v2 v3 v4 p1 p2 _ <<<"$got"
+  if [ "$v1 $v2 $v3 $v4" = "accepted accepted memory_limit accepted" ]; then
+    ok "four tests: accepted, accepted (fresh /tmp), memory_limit, accepted after it"
+  else
+    not_ok "four tests: accepted, accepted (fresh /tmp), memory_limit, accepted after it" \
+      "$got" "$(record s1)"
+  fi
+  if [[ $p1 =~ ^[0-9]+$ && $p2 =~ ^[0-9]+$ ]] && [ "$p1" -ge $((100 * 1024)) ] \
+    && [ "$p2" -lt $((50 * 1024)) ]; then
+    ok "per-test peaks: $p1 KiB for the 100 MiB test, $p2 KiB for the next"
+  else
+    not_ok "per-test peaks: >= 100 MiB, then < 50 MiB" "$got"
   fi
 }
 
