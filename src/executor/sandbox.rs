@@ -448,7 +448,7 @@ impl SandboxExecutor {
     /// stdin pipe; or, to `serve` tests, without).
     fn assign(
         &self,
-        w: Warm,
+        mut w: Warm,
         run: &SandboxRun<'_>,
         serve: bool,
     ) -> Result<Launched, Box<(Warm, String)>> {
@@ -499,27 +499,16 @@ impl SandboxExecutor {
             cpu_base = g.begin().cpu_usec.unwrap_or(0);
         }
         tracing::debug!(run = %w.name, "pooled sandbox assigned");
+        let Some(control) = w.control.take() else {
+            return Err(Box::new((w, "the sandbox was given a run already".into())));
+        };
         let Warm {
             child,
             cgroup,
             run_dir,
             result_r,
-            control,
             ..
         } = w;
-        let Some(control) = control else {
-            return Err(Box::new((
-                Warm {
-                    child,
-                    cgroup,
-                    run_dir,
-                    result_r,
-                    control: None,
-                    name: String::new(),
-                },
-                "the sandbox was given a run already".into(),
-            )));
-        };
         Ok(Launched {
             child,
             cgroup,

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// Wait until the pool holds `size` ready sandboxes; returns /health's executor.
-async fn pool_full(s: &Server, size: u64) -> Value {
+pub async fn pool_full(s: &Server, size: u64) -> Value {
     let started = Instant::now();
     loop {
         let e = s.health().await["executor"].clone();

@@ -21,6 +21,7 @@
 //! `a_tests_ipc_memory_is_not_charged_to_the_next_test`).
 
 use crate::common::{dir_entries, host_processes_with, marker, Server, DEADLINE};
+use crate::pool::pool_full;
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -464,23 +465,6 @@ async fn stop_on_failure_runs_no_more_tests_and_takes_no_more_sandboxes() {
         outcomes(&r)
     );
     assert_eq!((served, taken), (2.0, 1.0), "{}", outcomes(&r));
-}
-
-/// Wait until the pool holds `size` ready sandboxes; returns /health's executor.
-async fn pool_full(s: &Server, size: u64) -> Value {
-    let started = Instant::now();
-    loop {
-        let e = s.health().await["executor"].clone();
-        if e["pool"]["ready"] == size {
-            return e;
-        }
-        assert!(
-            started.elapsed() < DEADLINE,
-            "the pool never refilled: {e}\n{}",
-            s.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// The server's descendants that still run (pid, command line): its sandbox helpers and

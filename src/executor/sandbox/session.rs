@@ -30,18 +30,27 @@ pub(super) async fn send_frame(
 ) -> std::io::Result<tokio::net::UnixStream> {
     control.set_nonblocking(true)?;
     let mut s = tokio::net::UnixStream::from_std(control)?;
+    send_all(&mut s, frame, fds).await?;
+    Ok(s)
+}
+
+/// Send all of `data` on a control socket, with `fds` attached to its first byte.
+async fn send_all(
+    s: &mut tokio::net::UnixStream,
+    data: &[u8],
+    fds: &[RawFd],
+) -> std::io::Result<()> {
     let sent = loop {
         s.writable().await?;
         match s.try_io(tokio::io::Interest::WRITABLE, || {
-            wire::send_with_fds(s.as_raw_fd(), frame, fds)
+            wire::send_with_fds(s.as_raw_fd(), data, fds)
         }) {
             Ok(n) => break n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }
     };
-    s.write_all(&frame[sent..]).await?;
-    Ok(s)
+    s.write_all(&data[sent..]).await
 }
 
 /// A sandbox serving tests.
@@ -199,19 +208,9 @@ impl<'a> SessionRuns<'a> {
 
         let request = rlimit_cpu_secs(&limits, timeout).to_le_bytes();
         let fds = [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
-        let sent = loop {
-            if let Err(e) = session.control.writable().await {
-                break Err(e);
-            }
-            match session.control.try_io(tokio::io::Interest::WRITABLE, || {
-                wire::send_with_fds(session.control.as_raw_fd(), &request, &fds)
-            }) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                other => break other,
-            }
-        };
+        let sent = send_all(&mut session.control, &request, &fds).await;
         drop((in_r, out_w, err_w));
-        if !matches!(sent, Ok(n) if n == request.len()) {
+        if sent.is_err() {
             return (
                 RunOutput::executor_error(
                     "the sandbox serving the tests does not take requests",
