@@ -161,6 +161,14 @@ pub fn main() -> i32 {
     unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
     }
+    if let Some(parent) = std::env::var_os(PARENT_ENV) {
+        // Nothing started from here needs it (this process is still single-threaded).
+        std::env::remove_var(PARENT_ENV);
+        if let Err(e) = take_pipes(&parent) {
+            eprintln!("crucible sandbox helper: {e}");
+            return 1;
+        }
+    }
     // SAFETY: fds 3 and 4 are set up by the parent for exactly this purpose.
     let mut spec_in = unsafe { std::fs::File::from_raw_fd(3) };
     let mut result_out = unsafe { std::fs::File::from_raw_fd(4) };
@@ -182,6 +190,49 @@ pub fn main() -> i32 {
         Err(e) => setup_error(e),
     };
     report(&mut result_out, result)
+}
+
+/// Set by the appliance on a pooled sandbox's helper, which it starts without a step
+/// between fork and exec: the appliance's pid, and the spec and result pipes come on the
+/// control socket (stdin) instead of as fds 3 and 4.
+pub const PARENT_ENV: &str = "CRUCIBLE_HELPER_PARENT";
+
+/// What the appliance's pre-exec step does for other helpers, done here: make sure the
+/// appliance that started this helper is still its parent (the death signal is set from
+/// here on), then take the spec and result pipes from the control socket and put them
+/// on fds 3 and 4.
+fn take_pipes(parent: &std::ffi::OsStr) -> Result<(), String> {
+    // SAFETY: getppid has no preconditions.
+    let ppid = unsafe { libc::getppid() };
+    if parent.to_str().and_then(|p| p.parse().ok()) != Some(ppid) {
+        return Err("the appliance that started this helper is gone".into());
+    }
+    let mut tag = [0u8; 1];
+    let fds = match super::wire::recv_with_fds(0, &mut tag, 2)? {
+        Some(fds) if fds.len() == 2 && tag == *b"F" => fds,
+        _ => return Err("no spec and result pipes on the control socket".into()),
+    };
+    // Above 10 first, so that placing them on 3 and 4 cannot clobber either (they may
+    // have arrived as 3 and 4).
+    let mut high = Vec::new();
+    for fd in &fds {
+        // SAFETY: F_DUPFD of a descriptor we own.
+        let h = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
+        if h < 0 {
+            return Err(format!("fcntl: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: `h` was just made and is owned only here.
+        high.push(unsafe { OwnedFd::from_raw_fd(h) });
+    }
+    drop(fds);
+    for (fd, target) in high.iter().zip([3, 4]) {
+        // SAFETY: dup2 onto 3 and 4, which are free now; the copies are not close-on-exec
+        // (the sandbox's own steps read and write them, as with the pre-exec step).
+        if unsafe { libc::dup2(fd.as_raw_fd(), target) } < 0 {
+            return Err(format!("dup2: {}", std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
 }
 
 fn setup_error(msg: String) -> HelperResult {

@@ -1429,7 +1429,7 @@ type Spawned = (tokio::process::Child, OwnedFd, OwnedFd, Option<UnixStream>);
 
 /// Start `crucible __sandbox` with the spec pipe on fd 3 and the result pipe on fd 4;
 /// with `control`, its stdin is one end of a Unix socket pair and the other is returned
-/// (a pooled sandbox's control socket), else a pipe.
+/// (a pooled sandbox's control socket, which first carries those two pipes), else a pipe.
 fn spawn_helper(exe: &Path, control: bool) -> std::io::Result<Spawned> {
     let (spec_r, spec_w) = pipe_cloexec()?;
     let (result_r, result_w) = pipe_cloexec()?;
@@ -1450,6 +1450,23 @@ fn spawn_helper(exe: &Path, control: bool) -> std::io::Result<Spawned> {
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     let parent = std::process::id() as i32;
+    if let Some(ours) = ours {
+        // A pooled sandbox's helper is started without a step between fork and exec, so
+        // that the C library can start it with vfork semantics (posix_spawn) instead of
+        // copying the appliance's address space (about 1 ms of a runtime thread per
+        // sandbox here); it checks its parent itself and takes its spec and result pipes
+        // from its control socket (`helper::main`).
+        cmd.env(super::helper::PARENT_ENV, parent.to_string());
+        let child = cmd.spawn()?;
+        super::wire::send_with_fds(
+            ours.as_raw_fd(),
+            b"F",
+            &[spec_r.as_raw_fd(), result_w.as_raw_fd()],
+        )?;
+        // The helper holds them now (or is gone, and the run fails on its spec).
+        drop((spec_r, result_w));
+        return Ok((child, spec_w, result_r, Some(ours)));
+    }
     // SAFETY: only async-signal-safe calls (prctl, getppid, fcntl, dup2) between fork and
     // exec.
     unsafe {

@@ -248,3 +248,63 @@ async fn the_pool_is_drained_at_stop_and_dies_with_a_killed_appliance() {
     }
     assert_eq!(s.run_py("print(7)", 30.0).await["output"], "7\n");
 }
+
+/// A pooled sandbox's helper is started without a pre-exec step (vfork semantics) and
+/// checks its parent itself: started by anyone but the appliance named in its
+/// environment, it stops before taking anything; started by it, it takes its spec and
+/// result pipes from its control socket (here a spec that is not JSON, answered on the
+/// result pipe, shows both pipes arrived).
+#[test]
+fn a_pooled_helper_runs_only_for_its_appliance_and_takes_its_pipes_from_its_socket() {
+    use crucible::executor::helper::PARENT_ENV;
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    let start = |parent: u32| {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let child = std::process::Command::new(crate::common::bin())
+            .arg("__sandbox")
+            .env_clear()
+            .env(PARENT_ENV, parent.to_string())
+            .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
+                theirs,
+            )))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (spec_r, mut spec_w) = std::io::pipe().unwrap();
+        let (mut result_r, result_w) = std::io::pipe().unwrap();
+        // Sent either way: the helper must not use them when its parent is not the one
+        // named (the socket buffers them until it reads).
+        crucible::executor::wire::send_with_fds(
+            ours.as_raw_fd(),
+            b"F",
+            &[spec_r.as_raw_fd(), result_w.as_raw_fd()],
+        )
+        .unwrap();
+        drop((spec_r, result_w));
+        let _ = spec_w.write_all(b"not json");
+        drop(spec_w);
+        let out = child.wait_with_output().unwrap();
+        let mut result = String::new();
+        result_r.read_to_string(&mut result).unwrap();
+        drop(ours);
+        (out, result)
+    };
+
+    // Its parent is this test, not pid 1: it refuses, and answers nothing.
+    let (out, result) = start(1);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is gone"), "{stderr}");
+    assert_eq!(result, "", "{stderr}");
+
+    // Its parent as named: the spec came through the passed pipe (and was refused as
+    // bad), the answer went back through the other.
+    let (out, result) = start(std::process::id());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(result.contains("bad spec"), "{result} {stderr}");
+}
