@@ -26,7 +26,7 @@ use hakoniwa::{Container, MountOptions, Namespace, Rlimit, Runctl, Stdio};
 use serde::{Deserialize, Serialize};
 use std::ffi::CString;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 /// Uid/gid the program sees inside the sandbox.
@@ -212,25 +212,31 @@ fn take_pipes(parent: &std::ffi::OsStr) -> Result<(), String> {
         Some(fds) if fds.len() == 2 && tag == *b"F" => fds,
         _ => return Err("no spec and result pipes on the control socket".into()),
     };
-    // Above 10 first, so that placing them on 3 and 4 cannot clobber either (they may
-    // have arrived as 3 and 4).
-    let mut high = Vec::new();
-    for fd in &fds {
-        // SAFETY: F_DUPFD of a descriptor we own.
-        let h = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
-        if h < 0 {
-            return Err(format!("fcntl: {}", std::io::Error::last_os_error()));
-        }
-        // SAFETY: `h` was just made and is owned only here.
-        high.push(unsafe { OwnedFd::from_raw_fd(h) });
+    let raw: Vec<_> = fds.into_iter().map(IntoRawFd::into_raw_fd).collect();
+    place_pipes(raw[0], raw[1]).map_err(|e| format!("cannot place the pipes: {e}"))?;
+    // What arrived as 3 or 4 is the placed pipe now; close the rest.
+    for fd in raw.into_iter().filter(|&fd| fd != 3 && fd != 4) {
+        // SAFETY: a received descriptor that nothing else holds.
+        unsafe { libc::close(fd) };
     }
-    drop(fds);
-    for (fd, target) in high.iter().zip([3, 4]) {
-        // SAFETY: dup2 onto 3 and 4, which are free now; the copies are not close-on-exec
-        // (the sandbox's own steps read and write them, as with the pre-exec step).
-        if unsafe { libc::dup2(fd.as_raw_fd(), target) } < 0 {
-            return Err(format!("dup2: {}", std::io::Error::last_os_error()));
+    Ok(())
+}
+
+/// Put the spec pipe `spec` on fd 3 and the result pipe `result` on fd 4, neither
+/// close-on-exec (the sandbox's own steps read and write them), whatever numbers they
+/// have now: both are first copied above 10, so that neither dup2 can clobber the other
+/// (either may be 3 or 4 already). Only async-signal-safe calls: the appliance's pre-exec
+/// step for other helpers uses it too.
+pub(crate) fn place_pipes(spec: RawFd, result: RawFd) -> std::io::Result<()> {
+    // SAFETY: fcntl, dup2 and close on descriptors of this process.
+    unsafe {
+        let a = libc::fcntl(spec, libc::F_DUPFD, 10);
+        let b = libc::fcntl(result, libc::F_DUPFD, 10);
+        if a < 0 || b < 0 || libc::dup2(a, 3) < 0 || libc::dup2(b, 4) < 0 {
+            return Err(std::io::Error::last_os_error());
         }
+        libc::close(a);
+        libc::close(b);
     }
     Ok(())
 }

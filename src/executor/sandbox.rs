@@ -1450,46 +1450,36 @@ fn spawn_helper(exe: &Path, control: bool) -> std::io::Result<Spawned> {
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     let parent = std::process::id() as i32;
-    if let Some(ours) = ours {
+    match &ours {
         // A pooled sandbox's helper is started without a step between fork and exec, so
         // that the C library can start it with vfork semantics (posix_spawn) instead of
         // copying the appliance's address space (about 1 ms of a runtime thread per
         // sandbox here); it checks its parent itself and takes its spec and result pipes
         // from its control socket (`helper::main`).
-        cmd.env(super::helper::PARENT_ENV, parent.to_string());
-        let child = cmd.spawn()?;
-        super::wire::send_with_fds(
-            ours.as_raw_fd(),
-            b"F",
-            &[spec_r.as_raw_fd(), result_w.as_raw_fd()],
-        )?;
-        // The helper holds them now (or is gone, and the run fails on its spec).
-        drop((spec_r, result_w));
-        return Ok((child, spec_w, result_r, Some(ours)));
-    }
-    // SAFETY: only async-signal-safe calls (prctl, getppid, fcntl, dup2) between fork and
-    // exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            // Die with the appliance already between fork and exec: until exec closes
-            // them, this child shares the appliance's descriptors (the store's lock
-            // among them), and must not keep them past a kill -9 of the appliance.
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-            if libc::getppid() != parent {
-                libc::_exit(1);
-            }
-            // Move both ends above 10 first so the dup2s below cannot clobber each other.
-            let a = libc::fcntl(spec_fd, libc::F_DUPFD, 10);
-            let b = libc::fcntl(result_fd, libc::F_DUPFD, 10);
-            if a < 0 || b < 0 || libc::dup2(a, 3) < 0 || libc::dup2(b, 4) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::close(a);
-            libc::close(b);
-            Ok(())
-        });
+        Some(_) => {
+            cmd.env(super::helper::PARENT_ENV, parent.to_string());
+        }
+        // SAFETY: only async-signal-safe calls (prctl, getppid, fcntl, dup2, close)
+        // between fork and exec.
+        None => unsafe {
+            cmd.pre_exec(move || {
+                // Die with the appliance already between fork and exec: until exec closes
+                // them, this child shares the appliance's descriptors (the store's lock
+                // among them), and must not keep them past a kill -9 of the appliance.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+                super::helper::place_pipes(spec_fd, result_fd)
+            });
+        },
     }
     let child = cmd.spawn()?;
+    if let Some(ours) = &ours {
+        // The helper holds them once it has read them (or is gone, and the run fails on
+        // its spec).
+        super::wire::send_with_fds(ours.as_raw_fd(), b"F", &[spec_fd, result_fd])?;
+    }
     drop(spec_r);
     drop(result_w);
     Ok((child, spec_w, result_r, ours))

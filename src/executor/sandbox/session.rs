@@ -2,9 +2,9 @@
 //!
 //! A pooled sandbox (or one made now) is given the evaluation's program in serve mode:
 //! its files, build and limits are set up once (one root, one cgroup), and its first
-//! process then starts the program once per test in new PID and mount namespaces (removing its IPC objects after it)
-//! with a fresh /tmp and nothing of the previous test alive (see the helper's
-//! `serve_tests`). Each test gets its own stdin, stdout and stderr pipes, passed over the
+//! process then starts the program once per test in new PID and mount namespaces
+//! (removing its IPC objects after it) with a fresh /tmp and nothing of the previous test
+//! alive (see the helper's `serve_tests`). Each test gets its own stdin, stdout and stderr pipes, passed over the
 //! control socket; its wall time, CPU time (a delta of the cgroup's counter), peak memory
 //! (the cgroup's, reset per test on cgroup v1; the test's largest process on v2) and OOM
 //! kills (a delta) are its own.
